@@ -1,0 +1,61 @@
+# trec: the two README commands are `make quickstart` and `make test`; both set up .venv first.
+# Versions are pinned once, in requirements/ (lock.txt + cpu.txt or gpu.txt), and installed with
+# --no-deps so that torchrec never drags in the CUDA build of fbgemm-gpu on a CPU machine.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Extra package index for torch, e.g. https://download.pytorch.org/whl/cpu on machines whose pip
+# would otherwise pick the multi-GB CUDA wheel of torch==2.13.0.
+TORCH_INDEX ?=
+PIP_EXTRA := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+
+CPU_STAMP := $(VENV)/.trec-cpu
+GPU_STAMP := $(VENV)/.trec-gpu
+REQS := requirements/lock.txt pyproject.toml
+
+# The dataset quickstart trains on; GroupLens layout (u.data, u.item, u.user).
+ML100K ?= ../shared/datasets/ml-100k
+QS ?= .quickstart
+NPROC ?= 2
+
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup setup-gpu quickstart test test-fast bench clean
+
+setup: $(CPU_STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(CPU_STAMP): $(BIN)/python $(REQS) requirements/cpu.txt
+	$(PIP) install -q $(PIP_EXTRA) --no-deps -r requirements/lock.txt -r requirements/cpu.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(BIN)/trec env --brief
+	@touch $@
+
+# Optional third command, on a CUDA machine: the CUDA builds of torch, fbgemm-gpu and faiss
+# (resolved with their NVIDIA runtime wheels), then the rest of the lock as on CPU.
+setup-gpu: $(GPU_STAMP)
+
+$(GPU_STAMP): $(BIN)/python $(REQS) requirements/gpu.txt
+	$(PIP) uninstall -q -y fbgemm-gpu-cpu faiss-cpu || true
+	$(PIP) install -q -c requirements/lock.txt torch==2.13.0 -r requirements/gpu.txt
+	$(PIP) install -q --no-deps -r requirements/lock.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(BIN)/trec env --brief
+	@touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+quickstart: setup
+	@echo "== trec quickstart: 2-rank sharded smoke job =="
+	torchx run -s local_cwd dist.ddp -j 1x$(NPROC) --script tests/workers/shard_ebc.py -- $(QS)/shard table_wise
+
+clean:
+	rm -rf $(QS) .pytest_cache

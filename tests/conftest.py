@@ -1,0 +1,68 @@
+"""Shared fixtures: real multi-process launches (torchrun, gloo) and the `trec` CLI as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ML100K = (REPO.parent / "shared" / "datasets" / "ml-100k").resolve()
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    # Child processes must find torchrun/trec of this interpreter's environment.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.update(extra or {})
+    return env
+
+
+def _check(proc: subprocess.CompletedProcess, check: bool) -> subprocess.CompletedProcess:
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"command failed ({proc.returncode}): {' '.join(map(str, proc.args))}\n"
+            f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+@pytest.fixture
+def run_trec():
+    """Run ``python -m trec ARGS`` and return the CompletedProcess (``check=False`` to expect failure)."""
+
+    def run(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None, cwd=REPO):
+        proc = subprocess.run(
+            [sys.executable, "-m", "trec", *map(str, args)],
+            capture_output=True, text=True, timeout=timeout, env=_env(env), cwd=cwd,
+        )
+        return _check(proc, check)
+
+    return run
+
+
+@pytest.fixture
+def torchrun():
+    """Launch ``torchrun --standalone --nproc_per_node N TARGET ARGS`` (a script path, or ``-m module``)."""
+
+    def run(nproc: int, *target_and_args: str, check: bool = True, timeout: float = 900,
+            env: dict | None = None, extra: tuple[str, ...] = ()):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               *extra, *map(str, target_and_args)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(env), cwd=REPO)
+        return _check(proc, check)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def ml100k() -> Path:
+    if not (ML100K / "u.data").is_file():
+        pytest.fail(f"MovieLens 100K not found at {ML100K} (CI provides ../shared beside the clone)")
+    return ML100K

@@ -1,0 +1,5 @@
+"""`python -m trec` is the `trec` command."""
+
+from trec.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,23 @@
+"""`trec config show CONFIG [KEY=VALUE ...]`: the resolved, validated config as YAML."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("config", help="inspect experiment configs")
+    actions = parser.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = actions.add_parser("show", help="print CONFIG merged onto the defaults, with overrides applied")
+    show.add_argument("config", metavar="CONFIG", help="YAML file (configs/*.yaml)")
+    show.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE")
+    show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted-key overrides")
+    show.set_defaults(func=run_show)
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from trec.config import config_to_yaml, load_config
+
+    cfg = load_config(args.config, list(args.set_overrides) + list(args.overrides))
+    print(config_to_yaml(cfg), end="")
+    return 0

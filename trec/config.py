@@ -1,0 +1,475 @@
+"""Typed experiment configuration: dataclass sections, loaded from YAML, overridable by dotted keys.
+
+A config is a :class:`TrecConfig` made of one section per concern. Functions receive the
+narrowest section they need (``cfg.optimizer``), never the whole config. Files are merged
+onto the dataclass defaults with OmegaConf structured configs, so an unknown key, a wrong
+type or an invalid choice is rejected with the file and the dotted key named::
+
+    cfg = load_config("configs/movielens_two_tower.yaml", ["optimizer.dense_lr=0.01"])
+    save_config(cfg, run_dir / "config.yaml")
+
+Each field's docstring (the string below it) is its documentation; ``trec config show``
+prints the resolved values.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf import errors as oc_errors
+
+from trec.errors import TrecError
+from trec.io import atomic_write_text
+
+
+class Choice(str, Enum):
+    """An enumerated option: compares equal to its string value, shown as that value in YAML."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Prepared dataset directory (the output of `trec data prepare`); `--data DIR` overrides it."""
+    batch_size: int = 1024
+    """Interactions per rank per training step (the global batch is this times the world size)."""
+    eval_batch_size: int = 4096
+    """Rows per rank per step when encoding users and items for evaluation and export."""
+    shuffle: bool = True
+    """Reshuffle the training rows every epoch (seeded by training.seed and the epoch)."""
+    prefetch_batches: int = 4
+    """Batches a background thread prepares ahead of the training step."""
+    history_max_len: int = 100
+    """Longest user history (most recent training items) fed as the `user_history` feature; 0 drops it."""
+
+
+# --------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------
+
+
+class Pooling(Choice):
+    sum = "sum"
+    mean = "mean"
+
+
+@dataclass
+class TableConfig:
+    """Per-feature override of the embedding table the model builds for that feature."""
+
+    embedding_dim: int | None = None
+    """Embedding width; defaults to model.embedding_dim."""
+    pooling: Pooling | None = None
+    """How a multi-hot bag is reduced; defaults to mean for multi-hot features and sum otherwise."""
+
+
+class RetrievalLoss(Choice):
+    softmax = "softmax"
+    """In-batch sampled softmax (plus extra negatives), with logQ correction."""
+    bce = "bce"
+    """Pointwise binary cross-entropy on positives and sampled negatives (for comparison)."""
+
+
+class NegativeStrategy(Choice):
+    none = "none"
+    random = "random"
+    popular = "popular"
+    hard = "hard"
+    mixed = "mixed"
+
+
+@dataclass
+class RetrievalLossConfig:
+    kind: RetrievalLoss = RetrievalLoss.softmax
+    """Loss of the two-tower task."""
+    logq_correction: bool = True
+    """Subtract log(sampling probability) from each candidate's logit (Yi et al., 2019)."""
+    mask_accidental_hits: bool = True
+    """Drop a candidate from a row's negatives when it is that row's positive item."""
+    negatives: NegativeStrategy = NegativeStrategy.random
+    """Extra negatives beyond the in-batch ones: random (uniform over the catalog), popular (by
+    frequency), hard (highest-scored non-positives of the current model), mixed (a blend)."""
+    num_negatives: int = 1024
+    """Extra candidate items drawn per step (shared by the whole batch)."""
+    num_hard_negatives: int = 10
+    """For hard/mixed: how many of the highest-scored candidates each row keeps as hard negatives."""
+    mix_popular: float = 0.5
+    """For mixed: share of the extra candidates drawn by popularity; the rest are uniform."""
+
+
+@dataclass
+class TwoTowerConfig:
+    tower_layers: list[int] = field(default_factory=lambda: [256, 128])
+    """Hidden widths of each tower's MLP (torchrec.modules.mlp.MLP)."""
+    output_dim: int = 64
+    """Width D of the user and item embeddings (B X D)."""
+    dense_dim: int = 16
+    """Width of the small MLP that maps a tower's numeric features into its input."""
+    normalize: bool = True
+    """L2-normalise both towers' outputs, so the score is a cosine scaled by 1/temperature."""
+    temperature: float = 0.05
+    """Softmax temperature (initial value if learned)."""
+    learn_temperature: bool = False
+    """Learn the temperature (as log 1/T, clamped) instead of fixing it."""
+    dropout: float = 0.0
+    """Dropout on the towers' input embeddings (regularisation for small datasets)."""
+    loss: RetrievalLossConfig = field(default_factory=RetrievalLossConfig)
+
+
+class Interaction(Choice):
+    dcn = "dcn"
+    dot = "dot"
+    none = "none"
+
+
+class CrossStructure(Choice):
+    stacked = "stacked"
+    parallel = "parallel"
+
+
+@dataclass
+class DCNConfig:
+    interaction: Interaction = Interaction.dcn
+    """Feature interaction: dcn (DCN-v2 cross network), dot (DLRM pairwise dots), none (plain MLP)."""
+    structure: CrossStructure = CrossStructure.stacked
+    """Stacked: cross network then top MLP; parallel: cross network beside a deep MLP."""
+    cross_layers: int = 3
+    """Number of cross layers."""
+    low_rank: int = 64
+    """Rank of each cross layer's weight (W = U V^T)."""
+    dense_layers: list[int] = field(default_factory=lambda: [128, 64])
+    """Bottom MLP over the numeric features; its last width must equal model.embedding_dim."""
+    top_layers: list[int] = field(default_factory=lambda: [256, 128])
+    """Top (over) MLP widths before the output heads."""
+
+
+class ModelName(Choice):
+    two_tower = "two_tower"
+    dcn = "dcn"
+
+
+@dataclass
+class ModelConfig:
+    name: ModelName = ModelName.two_tower
+    """Which model (and task) to build: two_tower (retrieval) or dcn (ranking)."""
+    embedding_dim: int = 64
+    """Default width of every embedding table."""
+    tables: dict[str, TableConfig] = field(default_factory=dict)
+    """Per-feature table overrides, keyed by feature name from the dataset manifest."""
+    two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
+    dcn: DCNConfig = field(default_factory=DCNConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# sharding
+# --------------------------------------------------------------------------------------------
+
+
+class ShardingKind(Choice):
+    table_wise = "table_wise"
+    column_wise = "column_wise"
+    table_column_wise = "table_column_wise"
+    row_wise = "row_wise"
+    table_row_wise = "table_row_wise"
+    data_parallel = "data_parallel"
+
+
+class ComputeKernel(Choice):
+    fused = "fused"
+    dense = "dense"
+
+
+@dataclass
+class TableShardingConfig:
+    """Planner constraints for one table (torchrec ParameterConstraints)."""
+
+    sharding_types: list[ShardingKind] = field(default_factory=list)
+    """Allowed sharding types for this table; empty = the section default."""
+    min_partition: int | None = None
+    """Smallest column shard for column-wise sharding."""
+
+
+@dataclass
+class ShardingConfig:
+    sharding_types: list[ShardingKind] = field(default_factory=list)
+    """Sharding types the planner may choose for every table; empty = all the device supports
+    (row-wise kinds need CUDA)."""
+    compute_kernel: ComputeKernel = ComputeKernel.fused
+    """fused: FBGEMM table-batched kernels with the optimizer applied in backward."""
+    tables: dict[str, TableShardingConfig] = field(default_factory=dict)
+    """Per-table constraints, keyed by table name (`t_<feature>`)."""
+    memory_fraction: float = 0.7
+    """Share of each rank's device memory (HBM on CUDA, RAM on CPU) the planner may fill."""
+    hbm_cap_gb: float | None = None
+    """Per-rank GPU memory cap; default: measured total times memory_fraction."""
+    ddr_cap_gb: float | None = None
+    """Per-rank host memory cap; default: measured RAM / local ranks times memory_fraction."""
+
+
+# --------------------------------------------------------------------------------------------
+# optimizer
+# --------------------------------------------------------------------------------------------
+
+
+class SparseOptimizer(Choice):
+    rowwise_adagrad = "rowwise_adagrad"
+    adagrad = "adagrad"
+    adam = "adam"
+    sgd = "sgd"
+
+
+class DenseOptimizer(Choice):
+    adam = "adam"
+    adamw = "adamw"
+    sgd = "sgd"
+    adagrad = "adagrad"
+
+
+class LRDecay(Choice):
+    none = "none"
+    linear = "linear"
+    cosine = "cosine"
+
+
+@dataclass
+class OptimizerConfig:
+    sparse: SparseOptimizer = SparseOptimizer.rowwise_adagrad
+    """Fused optimizer for embedding tables, applied inside backward by FBGEMM."""
+    sparse_lr: float = 0.05
+    sparse_weight_decay: float = 0.0
+    sparse_eps: float = 1e-8
+    dense: DenseOptimizer = DenseOptimizer.adam
+    """Optimizer for the MLPs and every other non-embedding parameter."""
+    dense_lr: float = 1e-3
+    dense_weight_decay: float = 0.0
+    warmup_steps: int = 0
+    """Linear LR warm-up from 0 over this many steps (both optimizers)."""
+    decay: LRDecay = LRDecay.none
+    """LR decay after warm-up, down to min_lr_ratio at the last step."""
+    min_lr_ratio: float = 0.0
+    grad_clip_norm: float = 0.0
+    """Clip the dense gradients' global norm to this value; 0 disables."""
+
+
+# --------------------------------------------------------------------------------------------
+# training / evaluation / checkpoints / logging / export
+# --------------------------------------------------------------------------------------------
+
+
+class PipelineKind(Choice):
+    sparse_dist = "sparse_dist"
+    """TrainPipelineSparseDist: input all-to-all of batch i+1 overlaps compute of batch i."""
+    plain = "plain"
+    """A plain forward/backward/step loop (easier to debug)."""
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 1
+    """Passes over the training split (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Stop after this many steps; 0 = run `epochs` epochs."""
+    eval_every_steps: int = 0
+    """Evaluate on the validation split every N steps; 0 = at the end of each epoch."""
+    early_stopping_metric: str = ""
+    """Validation metric (e.g. `ndcg@10`, `auc`) that early stopping and best-model selection
+    watch; empty disables both."""
+    early_stopping_patience: int = 3
+    """Evaluations without improvement before stopping."""
+    pipeline: PipelineKind = PipelineKind.sparse_dist
+    seed: int = 42
+    """Seeds every rank (rank-offset) and the data order."""
+    log_every_steps: int = 50
+    """Throughput and loss logging period."""
+    device: str = "auto"
+    """auto (cuda+nccl if GPUs exist, else cpu+gloo), cpu or cuda."""
+
+
+@dataclass
+class EvaluationConfig:
+    ks: list[int] = field(default_factory=lambda: [10])
+    """Cut-offs for the top-K metrics (metrics.json keys such as `ndcg@10`)."""
+    exclude_train: bool = True
+    """Never recommend an item the user has in the training data."""
+    max_users: int = 0
+    """Evaluate at most this many users (0 = all); for quick validation on large data."""
+    popularity_baseline: bool = True
+    """Also score the most-popular-items baseline in the same evaluation."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save every N steps into RUN/checkpoints/step-N/; 0 = only at the end of training."""
+    keep_last: int = 2
+    """Keep the newest N complete checkpoints (0 keeps all)."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in the run directory, if there is one."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files under RUN/tb/."""
+    log_every_steps: int = 50
+    """Scalar logging period (loss, lr, samples/s)."""
+    histogram_every_steps: int = 500
+    """Embedding-norm histogram period; 0 disables."""
+    projector_items: int = 500
+    """Item embeddings sent to the TensorBoard projector at the end of training; 0 disables."""
+    level: str = "INFO"
+
+
+class IndexKind(Choice):
+    flat = "flat"
+    ivf_flat = "ivf_flat"
+    ivf_pq = "ivf_pq"
+    hnsw = "hnsw"
+
+
+@dataclass
+class ExportConfig:
+    index: IndexKind = IndexKind.flat
+    """FAISS index kind built over the item embeddings."""
+    num_shards: int = 0
+    """Index shards; 0 = one per rank."""
+    nlist: int = 0
+    """IVF lists; 0 = about 4 * sqrt(items)."""
+    pq_m: int = 16
+    """Product-quantizer sub-vectors (ivf_pq)."""
+    pq_nbits: int = 8
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 128
+    nprobe: int = 16
+    train_sample: int = 100_000
+    """Vectors (drawn from every rank) that train the shared coarse quantizer / PQ codebooks."""
+    users: bool = False
+    """Also export user embeddings."""
+
+
+@dataclass
+class TrecConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+
+
+def _describe(error: oc_errors.OmegaConfBaseException) -> str:
+    """One line for an OmegaConf error: the dotted key and what was wrong with it."""
+    key = getattr(error, "full_key", None) or "?"
+    first = str(error).splitlines()[0]
+    if isinstance(error, oc_errors.ConfigKeyError) or "not in" in first:
+        match = re.search(r"Did you mean(?: one of)?: (.*?)\??$", first)
+        hint = f" (did you mean {match.group(1)}?)" if match else ""
+        return f"unknown key '{key}'{hint}"
+    return f"key '{key}': {first}"
+
+
+def _merge(base, layer, where: str):
+    try:
+        return OmegaConf.merge(base, layer)
+    except oc_errors.OmegaConfBaseException as error:
+        raise TrecError(f"{where}: {_describe(error)}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise TrecError(f"config file not found: {path}")
+    try:
+        # safe_load: configs are user files; never construct arbitrary Python objects.
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise TrecError(f"{where}: invalid YAML: {getattr(error, 'problem', error)}") from None
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise TrecError(f"{path}: expected a mapping of sections at the top level")
+    return content
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise TrecError(f"override '{text}': expected KEY=VALUE with a dotted key, e.g. data.batch_size=512")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _override_layer(key: str, value: object) -> dict:
+    layer: dict = {}
+    node = layer
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return layer
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> TrecConfig:
+    """Defaults ← YAML file ← `key=value` overrides, validated against the dataclasses.
+
+    Raises TrecError naming the file (or the override) and the dotted key on an unknown key,
+    a wrong type or an invalid choice.
+    """
+    merged = OmegaConf.structured(TrecConfig)
+    if path is not None:
+        merged = _merge(merged, OmegaConf.create(_read_yaml(Path(path))), str(path))
+    for text in overrides:
+        key, value = _parse_override(text)
+        merged = _merge(merged, OmegaConf.create(_override_layer(key, value)), f"override '{text}'")
+    try:
+        return OmegaConf.to_object(merged)
+    except oc_errors.OmegaConfBaseException as error:
+        raise TrecError(f"{path or 'config'}: {_describe(error)}") from None
+
+
+def config_to_yaml(cfg: TrecConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_to_dict(cfg: TrecConfig) -> dict:
+    """Plain nested dict of the config (enums as their string values)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+
+
+def save_config(cfg: TrecConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config (atomically), so a run directory records what produced it."""
+    atomic_write_text(Path(path), config_to_yaml(cfg))
+
+
+def suggest(name: str, options: Sequence[str]) -> str:
+    """' (did you mean X?)' for the closest option, or ''."""
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -1,0 +1,279 @@
+"""Distributed runtime: process group, device, seeding, rank-0 logging, and the one DMP call site.
+
+Launched by torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in the environment) every rank
+joins the group torchrun describes; launched as a plain process it runs as a group of one, so
+the same sharded code path (DistributedModelParallel needs a process group) serves both::
+
+    with distributed_session(seed=42) as ctx:          # cuda+nccl if GPUs exist, else cpu+gloo
+        model = shard_model(model, cfg.sharding, ctx, batch_size=cfg.data.batch_size)
+
+This module is also the only place that builds the sharding planner (Topology with measured
+memory caps, ParameterConstraints from the config).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trec.config import ComputeKernel, ShardingConfig, ShardingKind
+from trec.errors import TrecError
+
+logger = logging.getLogger("trec")
+
+# Row-wise kinds shard a table's rows across ranks; torchrec implements them with CUDA kernels only.
+_CUDA_ONLY_SHARDING = {ShardingKind.row_wise, ShardingKind.table_row_wise}
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job, and the device/backend it computes with."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def pick_device(preference: str = "auto", local_rank: int = 0) -> tuple[torch.device, str]:
+    """(device, backend): cuda+nccl when a GPU is wanted and present, else cpu+gloo."""
+    if preference not in ("auto", "cpu", "cuda"):
+        raise TrecError(f"training.device: expected auto, cpu or cuda, got '{preference}'")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise TrecError("training.device is 'cuda' but no CUDA device is available")
+    if preference != "cpu" and torch.cuda.is_available():
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed Python, NumPy and torch; ranks get distinct streams (seed + rank)."""
+    value = seed + rank
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+
+
+def configure_logging(rank: int, level: str = "INFO") -> None:
+    """Rank 0 logs at ``level``; the other ranks only log warnings and errors."""
+    logging.basicConfig(
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.WARNING,
+        force=True,
+    )
+    logger.setLevel(getattr(logging, level.upper(), logging.INFO) if rank == 0 else logging.WARNING)
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800) -> DistContext:
+    """Join torchrun's process group, or form a single-process group when run directly."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    torch_device, backend = pick_device(device, local_rank)
+    if not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s)
+        if launched_by_torchrun():
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            # A group of one needs no rendezvous: an in-memory store is enough.
+            dist.init_process_group(
+                backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
+    return DistContext(rank, world_size, local_rank, local_world_size, torch_device, backend)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_session(seed: int = 0, device: str = "auto", log_level: str = "INFO") -> Iterator[DistContext]:
+    """Process group for the duration of a block: init, seed, rank-0 logging, clean teardown."""
+    ctx = init_distributed(device)
+    configure_logging(ctx.rank, log_level)
+    seed_everything(seed, ctx.rank)
+    logger.info(
+        "distributed: world_size=%d backend=%s device=%s", ctx.world_size, ctx.backend, ctx.device
+    )
+    try:
+        yield ctx
+    finally:
+        shutdown_distributed()
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# sharding
+# --------------------------------------------------------------------------------------------
+
+
+def _host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def build_topology(cfg: ShardingConfig, ctx: DistContext):
+    """torchrec Topology with per-rank memory caps: measured hardware, overridden by the config.
+
+    Host memory is split between the ranks of a node; GPU memory is per device. Only
+    ``memory_fraction`` of each is offered to the planner, leaving room for activations,
+    optimizer state outside the tables and the data pipeline.
+    """
+    from torchrec.distributed.planner.types import HardwareConfig, KernelConfig, TopologyFactory, TrainerConfig
+
+    gib = 1024**3
+    measured_ddr = int(_host_memory_bytes() / ctx.local_world_size * cfg.memory_fraction)
+    measured_hbm = None
+    if ctx.device.type == "cuda":
+        measured_hbm = int(torch.cuda.get_device_properties(ctx.device).total_memory * cfg.memory_fraction)
+    return TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(
+            world_size=ctx.world_size,
+            local_world_size=ctx.local_world_size,
+            hbm_cap_bytes=int(cfg.hbm_cap_gb * gib) if cfg.hbm_cap_gb else None,
+            ddr_cap_bytes=int(cfg.ddr_cap_gb * gib) if cfg.ddr_cap_gb else None,
+            additional_params={},
+        ),
+        hardware_config=HardwareConfig(hbm_cap_bytes=measured_hbm, ddr_cap_bytes=measured_ddr, additional_params={}),
+        kernel_config=KernelConfig(compute_device=ctx.device.type, additional_params={}),
+    )
+
+
+def allowed_sharding_types(requested: list[ShardingKind], device: torch.device) -> list[str]:
+    """The sharding types the planner may use on ``device`` (torchrec's string values)."""
+    kinds = list(requested) or [kind for kind in ShardingKind if kind != ShardingKind.table_row_wise]
+    if device.type != "cuda":
+        rejected = [kind.value for kind in kinds if kind in _CUDA_ONLY_SHARDING]
+        if requested and rejected:
+            raise TrecError(
+                f"sharding.sharding_types: {', '.join(rejected)} needs CUDA; on CPU use "
+                "table_wise, column_wise, table_column_wise or data_parallel"
+            )
+        kinds = [kind for kind in kinds if kind not in _CUDA_ONLY_SHARDING]
+    return [kind.value for kind in kinds]
+
+
+def build_constraints(cfg: ShardingConfig, table_names: list[str], device: torch.device):
+    """ParameterConstraints per table from the sharding section (section default + per-table)."""
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+    from torchrec.distributed.planner import ParameterConstraints
+
+    unknown = sorted(set(cfg.tables) - set(table_names))
+    if unknown:
+        raise TrecError(
+            f"sharding.tables: unknown table '{unknown[0]}'; the model's tables are: {', '.join(table_names)}"
+        )
+    kernel = (
+        EmbeddingComputeKernel.FUSED.value
+        if cfg.compute_kernel == ComputeKernel.fused
+        else EmbeddingComputeKernel.DENSE.value
+    )
+    constraints = {}
+    for name in table_names:
+        table_cfg = cfg.tables.get(name)
+        requested = table_cfg.sharding_types if table_cfg and table_cfg.sharding_types else cfg.sharding_types
+        constraints[name] = ParameterConstraints(
+            sharding_types=allowed_sharding_types(requested, device),
+            compute_kernels=[kernel],
+            min_partition=table_cfg.min_partition if table_cfg else None,
+        )
+    return constraints
+
+
+def embedding_table_names(model: nn.Module) -> list[str]:
+    """Names of every table in the model's EmbeddingBagCollections, in module order."""
+    from torchrec import EmbeddingBagCollection
+
+    names: list[str] = []
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            names.extend(table.name for table in module.embedding_bag_configs())
+    return names
+
+
+def dense_parameter_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters outside embedding tables (replicated on every rank).
+
+    Given to the planner's storage reservation so that it does not have to guess the dense
+    size from unmaterialised (meta) tensors.
+    """
+    from torchrec import EmbeddingBagCollection
+
+    table_params = {
+        id(p) for m in model.modules() if isinstance(m, EmbeddingBagCollection) for p in m.parameters()
+    }
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in table_params)
+
+
+def shard_model(model: nn.Module, cfg: ShardingConfig, ctx: DistContext, batch_size: int) -> nn.Module:
+    """Plan the sharding (collectively, identical on every rank) and wrap ``model`` in DMP.
+
+    Embedding tables are placed by torchrec's planner under the config's constraints; all other
+    parameters are replicated data-parallel. Any fused optimizer must already be attached with
+    ``apply_optimizer_in_backward`` (see trec.optim) before this call.
+    """
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+    from torchrec.distributed.sharding_plan import get_default_sharders
+    from torchrec.distributed.types import ShardingEnv
+
+    planner = EmbeddingShardingPlanner(
+        topology=build_topology(cfg, ctx),
+        batch_size=batch_size,
+        storage_reservation=HeuristicalStorageReservation(
+            percentage=0.15, dense_tensor_estimate=dense_parameter_bytes(model)
+        ),
+        constraints=build_constraints(cfg, embedding_table_names(model), ctx.device),
+        debug=False,
+    )
+    sharders = get_default_sharders()
+    pg = dist.GroupMember.WORLD
+    plan = planner.collective_plan(model, sharders, pg)
+    return DistributedModelParallel(
+        module=model,
+        env=ShardingEnv.from_process_group(pg),
+        device=ctx.device,
+        plan=plan,
+        sharders=sharders,
+    )
+
+
+def describe_plan(sharded: nn.Module) -> dict[str, str]:
+    """table name → sharding type chosen by the planner (for logs and tests)."""
+    plan = getattr(sharded, "plan", None)
+    placement: dict[str, str] = {}
+    if plan is None:
+        return placement
+    for module_plan in plan.plan.values():
+        for table, param_sharding in module_plan.items():
+            placement[table] = param_sharding.sharding_type
+    return placement
