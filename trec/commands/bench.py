@@ -1,16 +1,37 @@
-"""`trec bench`: benchmarks (data, train, index)."""
+"""`trec bench {data,train,index}`: benchmarks that print ratios against a baseline run alongside.
+
+Each benchmark lives in :mod:`trec.bench` (``add_arguments`` + ``run``); this module only wires
+them under ``trec bench``. Every one accepts ``--json PATH`` to write its figures.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 
-from trec.errors import TrecError
+_BENCHMARKS = {
+    "data": "reader throughput (samples/s, MB/s into ready Batches) beside the training step rate",
+    "train": "sharded two-tower training samples/s vs plain-PyTorch embedding baselines",
+    "index": "FAISS index kinds: build time, queries/s and recall@10 vs exact search",
+}
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="benchmarks (data, train, index)")
-    parser.set_defaults(func=run)
+    actions = parser.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    for name, help_text in _BENCHMARKS.items():
+        sub = actions.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+        sub.set_defaults(func=_runner(name))
+        _module(name).add_arguments(sub)
 
 
-def run(args: argparse.Namespace) -> int:
-    raise TrecError("'trec bench' is reserved and not implemented yet (issue 3)")
+def _module(name: str):
+    return importlib.import_module(f"trec.bench.{name}")
+
+
+def _runner(name: str):
+    def run(args: argparse.Namespace) -> int:
+        return _module(name).run(args)
+
+    return run

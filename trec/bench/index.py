@@ -1,0 +1,15 @@
+"""`trec bench index` (issue 6)."""
+
+from __future__ import annotations
+
+import argparse
+
+from trec.errors import TrecError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run(args: argparse.Namespace) -> int:
+    raise TrecError("'trec bench index' is not implemented yet (issue 6)")

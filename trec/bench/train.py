@@ -1,0 +1,15 @@
+"""`trec bench train` (issue 4)."""
+
+from __future__ import annotations
+
+import argparse
+
+from trec.errors import TrecError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run(args: argparse.Namespace) -> int:
+    raise TrecError("'trec bench train' is not implemented yet (issue 4)")
