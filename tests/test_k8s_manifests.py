@@ -1,0 +1,301 @@
+"""k8s/: every manifest parses and carries what a cluster needs; both overlays render (no cluster)."""
+
+from __future__ import annotations
+
+import configparser
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kustomize_lite import build, containers, pod_specs, split_image
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+OVERLAYS = ("cpu", "gpu")
+CPU_IMAGE = "ghcr.io/trec-dev/trec:0.1.0-cpu"
+CUDA_IMAGE = "ghcr.io/trec-dev/trec:0.1.0-cuda"
+TREC_UID = 10001  # the USER of docker/Dockerfile*
+PART_OF = {"app.kubernetes.io/part-of": "trec"}
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _kustomizations() -> dict[Path, dict]:
+    return {p: yaml.safe_load(p.read_text()) for p in sorted(K8S.rglob("kustomization.yaml"))}
+
+
+def _patch_files() -> set[Path]:
+    files = set()
+    for path, kustomization in _kustomizations().items():
+        files |= {(path.parent / p).resolve() for p in kustomization.get("patchesStrategicMerge", [])}
+        files |= {(path.parent / p["path"]).resolve() for p in kustomization.get("patches", []) if "path" in p}
+    return files
+
+
+def _resource_files() -> list[Path]:
+    patches = _patch_files()
+    return [p for p in sorted(K8S.rglob("*.yaml")) if p.name != "kustomization.yaml" and p.resolve() not in patches]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {name: build(K8S / "overlays" / name) for name in OVERLAYS}
+
+
+def _find(resources: list[dict], kind: str, name: str) -> dict:
+    (match,) = [r for r in resources if r["kind"] == kind and r["metadata"]["name"] == name]
+    return match
+
+
+def _torchx_cfg() -> configparser.SectionProxy:
+    parser = configparser.ConfigParser()
+    parser.read(REPO / ".torchxconfig")
+    return parser["kubernetes"]
+
+
+# --- every file ---------------------------------------------------------------------------------
+
+
+def test_every_yaml_parses_and_names_its_kind():
+    files = sorted(K8S.rglob("*.yaml")) + sorted(K8S.rglob("*.yml"))
+    assert files, "k8s/ holds no manifests"
+    for path in files:
+        docs = _docs(path)
+        assert docs, f"{path}: empty"
+        for doc in docs:
+            assert doc.get("apiVersion") and doc.get("kind"), f"{path}: a document without apiVersion/kind"
+            if doc["kind"] != "Kustomization":
+                assert doc.get("metadata", {}).get("name"), f"{path}: {doc['kind']} without metadata.name"
+
+
+def test_base_and_overlays_exist():
+    assert (K8S / "base" / "kustomization.yaml").is_file()
+    for name in OVERLAYS:
+        kustomization = yaml.safe_load((K8S / "overlays" / name / "kustomization.yaml").read_text())
+        assert "../../base" in kustomization["resources"]
+
+
+def test_every_manifest_is_used_by_a_kustomization():
+    listed = set()
+    for path, kustomization in _kustomizations().items():
+        listed |= {(path.parent / r).resolve() for r in kustomization.get("resources", []) if (path.parent / r).is_file()}
+    orphans = [p for p in _resource_files() if p.resolve() not in listed]
+    assert not orphans, f"manifests no kustomization lists (kubectl apply -k would skip them): {orphans}"
+
+
+def test_every_resource_carries_the_common_labels():
+    for path in _resource_files():
+        for doc in _docs(path):
+            labels = doc["metadata"].get("labels", {})
+            where = f"{path.relative_to(REPO)}: {doc['kind']}/{doc['metadata']['name']}"
+            assert labels.get("app.kubernetes.io/part-of") == "trec", where
+            assert labels.get("app.kubernetes.io/name"), where
+            assert labels.get("app.kubernetes.io/component"), where
+
+
+def test_every_pod_has_resources_and_a_restricted_security_context():
+    pods = 0
+    for path in _resource_files():
+        for doc in _docs(path):
+            where = f"{path.relative_to(REPO)}: {doc['kind']}/{doc['metadata']['name']}"
+            for pod in pod_specs(doc):
+                pods += 1
+                pod_sc = pod.get("securityContext", {})
+                assert pod.get("serviceAccountName") == "trec-runner", where
+                assert pod.get("automountServiceAccountToken") is False, where
+                template_labels = (doc["spec"].get("template") or {}).get("metadata", {}).get("labels", {})
+                assert template_labels.get("app.kubernetes.io/part-of") == "trec", f"{where}: pod template labels"
+                tmp_volumes = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+                for container in pod.get("containers", []) + pod.get("initContainers", []):
+                    c = f"{where} container {container['name']}"
+                    resources = container.get("resources", {})
+                    for section in ("requests", "limits"):
+                        assert {"cpu", "memory"} <= set(resources.get(section, {})), f"{c}: resources.{section}"
+                    sc = {**pod_sc, **container.get("securityContext", {})}
+                    assert sc.get("runAsNonRoot") is True, c
+                    assert sc.get("runAsUser") == TREC_UID, c
+                    assert sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", c
+                    assert container["securityContext"].get("allowPrivilegeEscalation") is False, c
+                    assert container["securityContext"].get("capabilities", {}).get("drop") == ["ALL"], c
+                    assert container["securityContext"].get("readOnlyRootFilesystem") is True, c
+                    # A read-only root needs a writable /tmp (Python, TensorBoard, torch caches).
+                    tmp = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+                    assert tmp and tmp[0]["name"] in tmp_volumes, f"{c}: /tmp must be an emptyDir"
+    assert pods >= 3  # TensorBoard, data loader, export Job
+
+
+# --- what is in the base -------------------------------------------------------------------------
+
+
+def test_base_has_every_piece_the_issue_asks_for():
+    base = build(K8S / "base")
+    kinds = {(r["apiVersion"], r["kind"], r["metadata"]["name"]) for r in base}
+    assert ("scheduling.volcano.sh/v1beta1", "Queue", "trec") in kinds
+    assert ("v1", "Namespace", "trec") in kinds
+    assert ("v1", "ServiceAccount", "trec-runner") in kinds
+    for pvc in ("trec-datasets", "trec-runs", "trec-exports"):
+        assert ("v1", "PersistentVolumeClaim", pvc) in kinds
+    assert ("apps/v1", "Deployment", "trec-tensorboard") in kinds
+    assert ("v1", "Service", "trec-tensorboard") in kinds
+    assert ("batch/v1", "Job", "trec-export") in kinds
+
+
+def test_service_account_has_least_privilege():
+    base = build(K8S / "base")
+    assert _find(base, "ServiceAccount", "trec-runner").get("automountServiceAccountToken") is False
+    assert not _find(base, "Role", "trec-runner").get("rules")  # trec pods call no Kubernetes API
+    binding = _find(base, "RoleBinding", "trec-runner")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "trec-runner"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "trec-runner", "namespace": "trec"}]
+    assert not [r for r in base if r["kind"] in ("ClusterRole", "ClusterRoleBinding")]  # namespace-scoped only
+
+    rules = _find(base, "Role", "trec-submitter")["rules"]
+    def verbs(group: str, resource: str) -> set:
+        return {v for r in rules if group in r["apiGroups"] and resource in r["resources"] for v in r["verbs"]}
+    # What `torchx run/status/log/cancel -s kubernetes` calls.
+    assert {"create", "get", "list", "delete"} <= verbs("batch.volcano.sh", "jobs")
+    assert "get" in verbs("batch.volcano.sh", "jobs/status")
+    assert {"get", "list", "watch"} <= verbs("", "pods") and "get" in verbs("", "pods/log")
+    assert {"get", "list"} <= verbs("", "services")
+    assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules)
+    assert not verbs("", "secrets")
+
+
+def test_tensorboard_reads_the_runs_volume_read_only():
+    base = build(K8S / "base")
+    deployment = _find(base, "Deployment", "trec-tensorboard")
+    (pod,) = pod_specs(deployment)
+    (container,) = pod["containers"]
+    assert container["command"] == ["tensorboard"]
+    assert container["args"][:2] == ["--logdir", "/runs"] and "--bind_all" in container["args"]
+    runs = next(v for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == "trec-runs")
+    assert runs["persistentVolumeClaim"]["readOnly"] is True
+    mount = next(m for m in container["volumeMounts"] if m["name"] == runs["name"])
+    assert mount == {"name": runs["name"], "mountPath": "/runs", "readOnly": True}
+    service = _find(base, "Service", "trec-tensorboard")
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert deployment["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    assert service["spec"]["ports"][0]["port"] == 6006
+
+
+def test_export_job_template_exports_a_run_into_the_exports_volume():
+    job = _find(build(K8S / "base"), "Job", "trec-export")
+    assert job["spec"]["suspend"] is True  # a template: `kubectl apply -k` must not start an export
+    (pod,) = pod_specs(job)
+    (container,) = pod["containers"]
+    assert container["args"][0] == "export"  # the image's entrypoint is `trec`
+    env = {e["name"]: e["value"] for e in container["env"]}
+    args = " ".join(container["args"]).replace("$(TREC_RUN_DIR)", env["TREC_RUN_DIR"])
+    args = args.replace("$(TREC_EXPORT_DIR)", env["TREC_EXPORT_DIR"])
+    assert re.fullmatch(r"export --run-dir /runs/\S+ --out /exports/\S+", args)
+    claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert claims[mounts["/runs"]["name"]]["claimName"] == "trec-runs" and mounts["/runs"]["readOnly"] is True
+    assert claims[mounts["/exports"]["name"]]["claimName"] == "trec-exports"
+    assert not mounts["/exports"].get("readOnly")
+    assert pod["restartPolicy"] == "Never"
+
+
+# --- overlays -------------------------------------------------------------------------------------
+
+
+def test_overlays_render_into_the_trec_namespace_with_common_labels(rendered):
+    for name, resources in rendered.items():
+        for resource in resources:
+            where = f"{name}: {resource['kind']}/{resource['metadata']['name']}"
+            if resource["kind"] != "Namespace":
+                assert resource["metadata"].get("namespace") == "trec", where
+            labels = resource["metadata"]["labels"]
+            assert labels.items() >= {**PART_OF, "trec.dev/flavor": name}.items(), where
+
+
+def test_cpu_overlay_has_no_gpu_and_only_the_cpu_image(rendered):
+    resources = rendered["cpu"]
+    assert "nvidia.com/gpu" not in yaml.safe_dump_all(resources)
+    images = {c["image"] for r in resources for c in containers(r)}
+    assert images == {CPU_IMAGE}
+    for resource in resources:
+        for pod in pod_specs(resource):
+            assert not pod.get("tolerations") and not pod.get("nodeSelector")
+
+
+def test_gpu_overlay_runs_export_on_a_gpu_with_the_cuda_image(rendered):
+    resources = rendered["gpu"]
+    job = _find(resources, "Job", "trec-export")
+    (pod,) = pod_specs(job)
+    (container,) = pod["containers"]
+    assert container["image"] == CUDA_IMAGE
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"cpu", "memory"} <= set(container["resources"]["limits"])  # the patch merged, not replaced
+    assert container["args"][0] == "export" and len(container["volumeMounts"]) == 5
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    # Nothing else asks for a GPU, and the rest keeps the small CPU image.
+    for resource in resources:
+        for c in containers(resource):
+            if resource is not job:
+                assert c["image"] == CPU_IMAGE and "nvidia.com/gpu" not in str(c["resources"])
+    queue = _find(resources, "Queue", "trec")
+    assert queue["spec"]["capability"]["nvidia.com/gpu"] and queue["spec"]["capability"]["cpu"]
+    assert "$patch" not in yaml.safe_dump_all(resources)
+
+
+def test_overlays_differ_only_where_they_should(rendered):
+    ids = {name: sorted((r["kind"], r["metadata"]["name"]) for r in rs) for name, rs in rendered.items()}
+    assert ids["cpu"] == ids["gpu"]
+
+
+# --- agreement with TorchX and the images ---------------------------------------------------------
+
+
+def test_torchxconfig_matches_the_manifests():
+    cfg = _torchx_cfg()
+    base = build(K8S / "base")
+    assert _find(base, "Queue", cfg["queue"])
+    assert _find(base, "Namespace", cfg["namespace"])
+    assert _find(base, "ServiceAccount", cfg["service_account"])
+    repos = {split_image(c["image"])[0] for r in build(K8S / "overlays" / "cpu") for c in containers(r)}
+    assert repos == {cfg["image_repo"]}
+
+
+def test_readme_mounts_name_existing_claims():
+    claims = {r["metadata"]["name"] for r in build(K8S / "base") if r["kind"] == "PersistentVolumeClaim"}
+    section = (REPO / "README.md").read_text().split("## Run on Kubernetes", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"type=volume,src=([\w-]+)", section))
+    assert named and named <= claims, f"README mounts {named - claims}, not PVCs in k8s/"
+
+
+def _scalars_as_str(node):
+    if isinstance(node, dict):
+        return {k: _scalars_as_str(v) for k, v in node.items() if v is not None}
+    if isinstance(node, list):
+        return [_scalars_as_str(v) for v in node]
+    return str(node)
+
+
+def test_builtin_kinds_have_only_known_fields(rendered):
+    """Round-trip through the Kubernetes client's typed models: a misspelt or misplaced field
+    (``readOnlyRootFileSystem``, ``resources`` on the pod) is dropped on the way and shows up here."""
+    from kubernetes.client import ApiClient
+
+    import kubernetes.client as models
+
+    api = ApiClient()
+    checked = 0
+    for name, resources in rendered.items():
+        for resource in resources:
+            model = f"V1{resource['kind']}"
+            if resource["kind"] == "Queue":
+                assert set(resource["spec"]) <= {"weight", "reclaimable", "capability", "guarantee", "deserved"}
+                continue
+            assert hasattr(models, model), f"{name}: no v1 model for {resource['kind']}"
+            typed = api._ApiClient__deserialize(resource, model)  # the client's own response decoder
+            round_trip = api.sanitize_for_serialization(typed)
+            assert _scalars_as_str(round_trip) == _scalars_as_str(resource), f"{name}: {resource['kind']}/" \
+                f"{resource['metadata']['name']} has fields the {model} schema does not know"
+            checked += 1
+    assert checked >= 20
