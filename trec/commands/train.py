@@ -1,16 +1,55 @@
-"""`trec train`: train a model (two-tower or DCN-v2) on sharded embeddings."""
+"""`trec train`: train a model on sharded embeddings (run it under torchrun/torchx for several ranks)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from trec.errors import TrecError
+from trec.commands import add_config_flags, add_data_flag, add_run_dir_flag, config_overrides
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="train a model (two-tower or DCN-v2) on sharded embeddings")
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model (two-tower or DCN-v2) on sharded embeddings",
+        description="Train into --run-dir, resuming from its newest complete checkpoint if it has one, "
+        "then evaluate on the test split and write RUN/metrics.json. Without --config, the run's own "
+        "config.yaml is used (to resume or extend a run).",
+    )
+    add_config_flags(parser)
+    add_data_flag(parser)
+    add_run_dir_flag(parser)
     parser.set_defaults(func=run)
 
 
+def resolve_config(args: argparse.Namespace, run_dir: Path):
+    """--config (or the run's saved config.yaml) + overrides, with --data as data.path."""
+    from trec.config import load_config
+    from trec.errors import TrecError
+
+    source = args.config or (run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else None)
+    if source is None:
+        raise TrecError(f"no --config given and {run_dir / 'config.yaml'} does not exist")
+    cfg = load_config(source, config_overrides(args))
+    if getattr(args, "data", None):
+        cfg.data.path = args.data
+    if not cfg.data.path:
+        raise TrecError(f"{source}: data.path is empty; pass --data DIR (a prepared dataset)")
+    # Absolute, so that the run's config.yaml still finds the data from any working directory.
+    cfg.data.path = str(Path(cfg.data.path).resolve())
+    return cfg
+
+
 def run(args: argparse.Namespace) -> int:
-    raise TrecError("'trec train' is reserved and not implemented yet (issue 4)")
+    from trec.distributed import distributed_session
+    from trec.metrics import format_ranking_table
+    from trec.trainer import train
+
+    run_dir = Path(args.run_dir)
+    cfg = resolve_config(args, run_dir)
+    with distributed_session(cfg.training.seed, cfg.training.device, cfg.logging.level) as ctx:
+        metrics = train(cfg, run_dir, ctx)
+        if ctx.is_main:
+            print(format_ranking_table(metrics, {"model": "", "popularity": "popularity/"}))
+            print(f"wrote {run_dir / 'metrics.json'}")
+    return 0

@@ -1,0 +1,175 @@
+"""Metrics: top-K ranking metrics, their cross-rank aggregation, and the TensorBoard writer.
+
+Ranking metrics follow the definitions of Microsoft's recommenders benchmark (binary gain):
+for a user with relevant set R and top-K list L,
+
+- precision@K = |L ∩ R| / K,  recall@K = |L ∩ R| / |R|,  hit@K = [L ∩ R ≠ ∅]
+- ndcg@K = Σ_i rel_i / log2(i + 2)  /  Σ_{i < min(|R|, K)} 1 / log2(i + 2)
+- map@K = Σ_i precision@(i+1) · rel_i / min(|R|, K)
+- mrr@K = 1 / (rank of the first relevant item in L), 0 if none
+- coverage@K = |∪ L| / |catalog|,  diversity@K = 1 − mean pairwise cosine of the items in L
+
+Per-user values are summed locally and all-reduced, so a distributed evaluation equals a
+single-process one.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("trec")
+
+RANKING_METRICS = ("precision", "recall", "ndcg", "map", "mrr", "hit")
+
+
+def topk_hits(topk_items: torch.Tensor, relevant_keys: torch.Tensor, num_items: int) -> torch.Tensor:
+    """Which recommended items are relevant.
+
+    Args:
+        topk_items: U X K item indices (row u = user u's list, best first).
+        relevant_keys: sorted int64 keys ``u * num_items + item`` of every relevant (u, item).
+        num_items: catalog size (the key stride).
+    Returns:
+        U X K bool.
+    """
+    rows = torch.arange(topk_items.shape[0], device=topk_items.device)[:, None]
+    return torch.isin(rows * num_items + topk_items, relevant_keys)
+
+
+def _discounts(k: int, device) -> torch.Tensor:
+    return 1.0 / torch.log2(torch.arange(2, k + 2, device=device, dtype=torch.float64))
+
+
+def ranking_metrics(hits: torch.Tensor, num_relevant: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """Per-user metrics at cut-off ``k``.
+
+    Args:
+        hits: U X K' bool (K' ≥ k), from :func:`topk_hits`.
+        num_relevant: (U,) size of each user's relevant set (> 0).
+    Returns:
+        {name: (U,) float64} for the names in ``RANKING_METRICS``.
+    """
+    hits = hits[:, :k].double()
+    relevant = num_relevant.double()
+    found = hits.sum(dim=1)
+    discounts = _discounts(k, hits.device)
+    ideal_len = torch.clamp(num_relevant, max=k)
+    ideal = torch.cumsum(discounts, 0)[ideal_len - 1]
+    precision_at_i = torch.cumsum(hits, dim=1) / torch.arange(1, k + 1, device=hits.device, dtype=torch.float64)
+    first = torch.where(hits.any(dim=1), hits.argmax(dim=1).double() + 1.0, torch.inf)
+    return {
+        "precision": found / k,
+        "recall": found / relevant,
+        "ndcg": (hits * discounts).sum(dim=1) / ideal,
+        "map": (precision_at_i * hits).sum(dim=1) / ideal_len.double(),
+        "mrr": 1.0 / first,
+        "hit": (found > 0).double(),
+    }
+
+
+def intra_list_diversity(topk_items: torch.Tensor, item_embeddings: torch.Tensor, k: int) -> torch.Tensor:
+    """(U,) 1 − mean pairwise cosine similarity of each user's top-k item embeddings (I X D)."""
+    if k < 2:
+        return torch.zeros(topk_items.shape[0], dtype=torch.float64, device=topk_items.device)
+    vectors = torch.nn.functional.normalize(item_embeddings[topk_items[:, :k]].double(), dim=-1)
+    similarity = vectors @ vectors.transpose(1, 2)  # U X k X k
+    off_diagonal = similarity.sum(dim=(1, 2)) - similarity.diagonal(dim1=1, dim2=2).sum(dim=1)
+    return 1.0 - off_diagonal / (k * (k - 1))
+
+
+class RankingAccumulator:
+    """Sums per-user metrics over batches (and ranks) for several cut-offs."""
+
+    def __init__(self, ks: Sequence[int], num_items: int, device: torch.device) -> None:
+        self.ks = sorted(set(ks))
+        self.num_items = num_items
+        self.device = device
+        self.sums = {f"{name}@{k}": torch.zeros((), dtype=torch.float64, device=device)
+                     for k in self.ks for name in (*RANKING_METRICS, "diversity")}
+        self.users = torch.zeros((), dtype=torch.float64, device=device)
+        self.recommended = {k: torch.zeros(num_items, dtype=torch.bool, device=device) for k in self.ks}
+
+    def add(self, topk_items, hits, num_relevant, item_embeddings=None) -> None:
+        """Add a batch of users: U X K lists, U X K hits, (U,) relevant counts."""
+        self.users += topk_items.shape[0]
+        for k in self.ks:
+            for name, values in ranking_metrics(hits, num_relevant, k).items():
+                self.sums[f"{name}@{k}"] += values.sum()
+            if item_embeddings is not None:
+                self.sums[f"diversity@{k}"] += intra_list_diversity(topk_items, item_embeddings, k).sum()
+            self.recommended[k][topk_items[:, :k].reshape(-1)] = True
+
+    def compute(self) -> dict[str, float]:
+        """Means over every user of every rank (collective when a process group is up)."""
+        sums = torch.stack([self.users, *self.sums.values()])
+        covered = torch.stack([self.recommended[k] for k in self.ks]).to(torch.uint8)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(covered, op=dist.ReduceOp.MAX)
+        users = max(sums[0].item(), 1.0)
+        result = {name: value.item() / users for name, value in zip(self.sums, sums[1:])}
+        for k, row in zip(self.ks, covered):
+            result[f"coverage@{k}"] = row.sum().item() / self.num_items
+        result["users"] = sums[0].item()
+        return result
+
+
+class MetricsLogger:
+    """TensorBoard writer for rank 0 (a no-op elsewhere).
+
+    ``purge_step`` makes TensorBoard drop events a crashed earlier attempt wrote at or after
+    that step, so a resumed run never shows a step twice.
+    """
+
+    def __init__(self, log_dir: Path | None, enabled: bool, purge_step: int | None = None) -> None:
+        self.writer = None
+        if enabled and log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(f"{prefix}{name}", value, step)
+
+    def histogram(self, name: str, values: torch.Tensor, step: int) -> None:
+        if self.writer is not None and values.numel():
+            self.writer.add_histogram(name, values.detach().float().cpu(), step)
+
+    def hparams(self, params: dict[str, object], metrics: dict[str, float]) -> None:
+        if self.writer is not None:
+            clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
+            self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name="hparams")
+
+    def projector(self, vectors: torch.Tensor, labels: list[str], step: int, tag: str = "items") -> None:
+        if self.writer is not None and len(labels):
+            self.writer.add_embedding(vectors.detach().float().cpu(), metadata=labels, global_step=step, tag=tag)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+def format_ranking_table(metrics: dict[str, float], columns: dict[str, str]) -> str:
+    """Rows = ranking metrics found in ``metrics``; columns = {title: key prefix ('' = the model)}.
+
+    Example: ``format_ranking_table(m, {"model": "", "popularity": "popularity/"})``.
+    """
+    names = [key for key in metrics if "@" in key and "/" not in key]
+    header = f"{'metric':<14}" + "".join(f"{title:>14}" for title in columns)
+    lines = [header, "-" * len(header)]
+    for name in names:
+        cells = "".join(
+            f"{metrics[prefix + name]:>14.4f}" if isinstance(metrics.get(prefix + name), float) else f"{'-':>14}"
+            for prefix in columns.values()
+        )
+        lines.append(f"{name:<14}{cells}")
+    return "\n".join(lines)

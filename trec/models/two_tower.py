@@ -1,0 +1,164 @@
+"""Two-tower retrieval: a user tower and an item tower over sharded embedding tables.
+
+Each tower is an EmbeddingBagCollection over its side's categorical features (IDs, side
+features, multi-hot bags such as genres or the user's history), a small numeric path, and an
+MLP (torchrec's ``MLP``) ending in a linear layer of width D. The score of a (user, item) pair
+is the dot product of the two ``B X D`` embeddings (a cosine when both are L2-normalised),
+divided by a temperature. Nothing here knows about FAISS: exporting the item tower's output
+is trec.export's job.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import KeyedJaggedTensor
+from torchrec.modules.mlp import MLP
+
+from trec.config import ModelConfig, NegativeStrategy, RetrievalLoss, TwoTowerConfig
+from trec.data import PreparedDataset, RecBatch
+from trec.losses import candidate_log_q, pointwise_bce_loss, sampled_softmax_loss
+from trec.models.modules import NumericArch, check_table_overrides, embedding_bag_collection, embedding_tables
+from trec.negatives import ExtraItemSampler, popularity_distribution
+
+# Entities whose features feed each tower; context (per-interaction) features describe the query.
+USER_SIDE = ("user", "context")
+ITEM_SIDE = ("item",)
+
+
+class Tower(nn.Module):
+    """Embeddings of one side's features (+ numeric path) → MLP → R X D.
+
+    Args:
+        tables: the side's embedding tables (one per categorical feature).
+        numeric_columns: indices of the side's numeric features in ``RecBatch.dense_features``.
+        cfg: widths, dropout and normalisation.
+    """
+
+    def __init__(self, tables, numeric_columns: list[int], cfg: TwoTowerConfig) -> None:
+        super().__init__()
+        self.ebc = embedding_bag_collection(tables)
+        self.numeric = NumericArch(numeric_columns, cfg.dense_dim) if numeric_columns else None
+        in_dim = sum(table.embedding_dim for table in tables) + (cfg.dense_dim if numeric_columns else 0)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.mlp = MLP(in_dim, list(cfg.tower_layers)) if cfg.tower_layers else nn.Identity()
+        self.out = nn.Linear(cfg.tower_layers[-1] if cfg.tower_layers else in_dim, cfg.output_dim)
+
+    def forward(self, features: KeyedJaggedTensor, dense_features: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """features: KJT with stride R (other keys are ignored); dense_features: R X F.
+
+        Returns the first ``rows`` (default all R) un-normalised embeddings, ``rows X D``; the
+        tail rows are skipped before the MLP (item-only rows carry no user features).
+        """
+        pooled = self.ebc(features).values()[:rows]
+        parts = [pooled]
+        if self.numeric is not None:
+            parts.append(self.numeric(dense_features[:rows]))
+        hidden = self.mlp(self.dropout(torch.cat(parts, dim=1)))
+        return self.out(hidden)
+
+
+class TwoTower(nn.Module):
+    """User and item towers; ``score = <user, item> / T`` (cosine / T when normalised)."""
+
+    def __init__(self, cfg: ModelConfig, dataset: PreparedDataset) -> None:
+        super().__init__()
+        check_table_overrides(cfg, dataset.sparse_features)
+        self.user_tower = self._tower(cfg, dataset, USER_SIDE)
+        self.item_tower = self._tower(cfg, dataset, ITEM_SIDE)
+        self.normalize = cfg.two_tower.normalize
+
+    @staticmethod
+    def _tower(cfg: ModelConfig, dataset: PreparedDataset, entities: tuple[str, ...]) -> Tower:
+        sparse = [f for f in dataset.sparse_features if f.entity in entities]
+        numeric = [i for i, f in enumerate(dataset.dense_features) if f.entity in entities]
+        return Tower(embedding_tables(sparse, cfg), numeric, cfg.two_tower)
+
+    def finish(self, embedding: torch.Tensor) -> torch.Tensor:
+        return F.normalize(embedding, dim=-1) if self.normalize else embedding
+
+    def user_embeddings(self, batch: RecBatch, rows: int | None = None) -> torch.Tensor:
+        """``rows X D`` embeddings of the batch's users (all rows by default)."""
+        return self.finish(self.user_tower(batch.sparse_features, batch.dense_features, rows))
+
+    def item_embeddings(self, batch: RecBatch) -> torch.Tensor:
+        """``R X D`` embeddings of every row's item (positives, then extra candidates)."""
+        return self.finish(self.item_tower(batch.sparse_features, batch.dense_features))
+
+
+class RetrievalTask(nn.Module):
+    """The two-tower model plus its loss: ``forward(batch) -> (loss, outputs)``.
+
+    A batch holds B labelled (user, positive item) rows followed by N item-only rows drawn by
+    the :class:`~trec.negatives.ExtraItemSampler` (``augment``). Candidates for every row are
+    the B positives (in-batch negatives) and the N extras.
+    """
+
+    def __init__(self, cfg: ModelConfig, dataset: PreparedDataset) -> None:
+        super().__init__()
+        tt = cfg.two_tower
+        self.model = TwoTower(cfg, dataset)
+        self.loss_cfg = tt.loss
+        self.augment = ExtraItemSampler(tt.loss, dataset.item_counts)
+        self.register_buffer(
+            "item_probability", torch.tensor(popularity_distribution(dataset.item_counts), dtype=torch.float32)
+        )
+        self.register_buffer(
+            "extra_probability", torch.tensor(self.augment.probability, dtype=torch.float32)
+        )
+        log_inverse_temperature = torch.tensor(math.log(1.0 / tt.temperature))
+        if tt.learn_temperature:
+            self.log_inverse_temperature = nn.Parameter(log_inverse_temperature)
+        else:
+            self.register_buffer("log_inverse_temperature", log_inverse_temperature)
+
+    @property
+    def inverse_temperature(self) -> torch.Tensor:
+        # Bounded so a learned temperature cannot collapse the softmax (1/T <= 100).
+        return self.log_inverse_temperature.clamp(max=math.log(100.0)).exp()
+
+    def forward(self, batch: RecBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        num_positives = batch.labels.shape[0]
+        user = self.model.user_tower(batch.sparse_features, batch.dense_features, num_positives)
+        candidates = self.model.item_tower(batch.sparse_features, batch.dense_features)
+        candidate_items = batch.sparse_features["item_id"].values()
+        loss = self.loss(self.model.finish(user), self.model.finish(candidates), candidate_items, num_positives)
+        outputs = {
+            "loss": loss.detach(),
+            # Norms before normalisation: how far the towers drift, logged as histograms.
+            "user_norm": user.detach().norm(dim=1),
+            "item_norm": candidates.detach().norm(dim=1),
+        }
+        return loss, outputs
+
+    def loss(self, user, candidates, candidate_items, num_positives: int) -> torch.Tensor:
+        cfg = self.loss_cfg
+        if cfg.kind == RetrievalLoss.bce:
+            return pointwise_bce_loss(
+                user, candidates, candidate_items, self.inverse_temperature, cfg.mask_accidental_hits
+            )
+        log_q = None
+        if cfg.logq_correction:
+            log_q = candidate_log_q(candidate_items, self.item_probability, self.extra_probability, num_positives)
+        num_hard = cfg.num_hard_negatives if cfg.negatives == NegativeStrategy.hard else None
+        return sampled_softmax_loss(
+            user, candidates, candidate_items, self.inverse_temperature, log_q, cfg.mask_accidental_hits, num_hard
+        )
+
+
+def build_two_tower_task(cfg: ModelConfig, dataset: PreparedDataset) -> RetrievalTask:
+    return RetrievalTask(cfg, dataset)
+
+
+
+def evaluate_two_tower(task: RetrievalTask, dataset: PreparedDataset, split: str, exclude_splits, cfg, ctx) -> dict[str, float]:
+    """Full-catalog top-K retrieval metrics of the (unwrapped, sharded) task on ``split``."""
+    from trec.evaluation import encode_all_items, evaluate_retrieval
+
+    items = encode_all_items(task.model.item_embeddings, dataset, cfg.data.eval_batch_size, ctx, cfg.data.history_max_len)
+    return evaluate_retrieval(
+        task.model.user_embeddings, items, dataset, split, exclude_splits, cfg.evaluation, cfg.data, ctx, cfg.training.seed
+    )

@@ -1,0 +1,393 @@
+"""The one training loop, for every trec model.
+
+    trainer = Trainer.build(cfg, run_dir, ctx)
+    trainer.fit()            # resumes from RUN/checkpoints if a complete checkpoint exists
+    trainer.final_evaluation()
+
+A model only contributes its task (``forward(batch) -> (loss, outputs)``, an optional reader
+hook for negatives) and its evaluation, via :mod:`trec.models`. The loop owns everything
+else: the pipeline (``TrainPipelineSparseDist``, or torchrec's plain ``TrainPipelineBase``),
+periodic validation with early stopping and best-model tracking, checkpoints, throughput
+logging and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from trec.checkpoint import BEST, Checkpointer, TrainerState, is_complete, latest_checkpoint, load_model_weights
+from trec.config import PipelineKind, TrecConfig, config_to_dict, save_config
+from trec.data import InteractionReader, PreparedDataset, RecBatch
+from trec.distributed import DistContext, barrier, describe_plan, shard_model
+from trec.errors import TrecError
+from trec.io import atomic_write_json
+from trec.metrics import MetricsLogger
+from trec.models import ModelSpec, model_spec
+from trec.optim import attach_sparse_optimizer, build_optimizer, current_learning_rates
+
+logger = logging.getLogger("trec")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Where a training run writes: config.yaml, checkpoints/, tb/, metrics.json."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tb"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+
+def build_sharded_task(cfg: TrecConfig, dataset: PreparedDataset, ctx: DistContext, train: bool) -> tuple[nn.Module, nn.Module]:
+    """(DMP-wrapped task, the unwrapped task) for ``cfg.model`` on ``dataset``.
+
+    With ``train`` the fused sparse optimizer is attached before sharding, as FBGEMM applies it
+    inside the backward pass.
+    """
+    task = model_spec(cfg.model).build_task(cfg.model, dataset)
+    if train:
+        attach_sparse_optimizer(task, cfg.optimizer)
+    sharded = shard_model(task, cfg.sharding, ctx, batch_size=cfg.data.batch_size)
+    logger.info("sharding plan: %s", describe_plan(sharded))
+    return sharded, sharded.module
+
+
+def evaluation_splits(dataset: PreparedDataset) -> tuple[str | None, list[str]]:
+    """(validation split or None, splits excluded from the final test ranking)."""
+    validation = "val" if dataset.has_split("val") else None
+    return validation, ["train"] + (["val"] if validation else [])
+
+
+class Trainer:
+    """Runs ``fit`` for one task; build it with :meth:`Trainer.build`."""
+
+    def __init__(self, cfg, run, ctx, dataset, spec, model, task, reader, optimizer, checkpointer) -> None:
+        self.cfg: TrecConfig = cfg
+        self.run = run
+        self.ctx: DistContext = ctx
+        self.dataset: PreparedDataset = dataset
+        self.spec: ModelSpec = spec
+        self.model = model
+        self.task = task
+        self.reader: InteractionReader = reader
+        self.optimizer = optimizer
+        self.checkpointer: Checkpointer = checkpointer
+        self.steps_per_epoch = len(reader)
+        self.total_steps = cfg.training.max_steps or cfg.training.epochs * self.steps_per_epoch
+        self.metric = cfg.training.early_stopping_metric or spec.default_metric
+        self.validation_split, self.test_exclusions = evaluation_splits(dataset)
+        self.state = TrainerState(world_size=ctx.world_size)
+        self.tb: MetricsLogger | None = None
+        self.pipeline = None
+
+    @classmethod
+    def build(cls, cfg: TrecConfig, run_dir: Path, ctx: DistContext) -> "Trainer":
+        run = RunDir(Path(run_dir))
+        if ctx.is_main:
+            run.root.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run.config)
+        dataset = PreparedDataset.open(cfg.data.path)
+        spec = model_spec(cfg.model)
+        model, task = build_sharded_task(cfg, dataset, ctx, train=True)
+        reader = InteractionReader(
+            dataset,
+            "train",
+            batch_size=cfg.data.batch_size,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            seed=cfg.training.seed,
+            shuffle=cfg.data.shuffle,
+            prefetch_batches=cfg.data.prefetch_batches,
+            history_max_len=cfg.data.history_max_len,
+            exclude_target_from_history=True,
+            augment=getattr(task, "augment", None),
+        )
+        if len(reader) == 0:
+            raise TrecError(
+                f"{cfg.data.path}: the train split has fewer rows per rank than data.batch_size={cfg.data.batch_size}"
+            )
+        total_steps = cfg.training.max_steps or cfg.training.epochs * len(reader)
+        optimizer = build_optimizer(model, cfg.optimizer, total_steps)
+        checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint, ctx)
+        return cls(cfg, run, ctx, dataset, spec, model, task, reader, optimizer, checkpointer)
+
+    # ------------------------------------------------------------------------------------
+    # the loop
+    # ------------------------------------------------------------------------------------
+
+    def fit(self) -> TrainerState:
+        """Train from the newest complete checkpoint (or from scratch) to ``total_steps``."""
+        self._resume()
+        self.tb = MetricsLogger(
+            self.run.tensorboard if self.ctx.is_main else None,
+            self.cfg.logging.tensorboard,
+            purge_step=self.state.step + 1 if self.state.step else None,
+        )
+        self.pipeline = self._build_pipeline()
+        self.model.train()
+        logger.info(
+            "training: %d steps (%d per epoch, batch %d x %d ranks), starting at step %d",
+            self.total_steps, self.steps_per_epoch, self.cfg.data.batch_size, self.ctx.world_size, self.state.step,
+        )
+        batches = self._batches()
+        progress = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.ctx.is_main,
+                        desc="train", unit="step", dynamic_ncols=True)
+        window = _Throughput(self.cfg.data.batch_size * self.ctx.world_size)
+        stop = False
+        while not stop and self.state.step < self.total_steps:
+            try:
+                outputs = self.pipeline.progress(batches)
+            except StopIteration:
+                break
+            self._advance()
+            window.step()
+            progress.update(1)
+            stop = self._after_step(outputs, window, progress)
+        progress.close()
+        if not stop:
+            self._save(f"step-{self.state.step}")
+        return self.state
+
+    def _build_pipeline(self):
+        from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
+
+        if self.cfg.training.pipeline == PipelineKind.sparse_dist:
+            return TrainPipelineSparseDist(self.model, self.optimizer, self.ctx.device)
+        return TrainPipelineBase(self.model, self.optimizer, self.ctx.device)
+
+    def _batches(self) -> Iterator[RecBatch]:
+        """Training batches from the resume position to the last step, across epochs.
+
+        One iterator over all epochs keeps the pipeline full at epoch boundaries; the reader is
+        positioned by the number of batches *trained* (not prefetched), so a resumed run
+        neither repeats nor skips a batch.
+        """
+        epoch, start = self.state.epoch, self.state.batch_in_epoch
+        remaining = self.total_steps - self.state.step
+        while remaining > 0:
+            self.reader.load_state_dict({"epoch": epoch, "batch": start})
+            for batch in self.reader:
+                if remaining == 0:
+                    return
+                remaining -= 1
+                yield batch
+            epoch, start = epoch + 1, 0
+
+    def _advance(self) -> None:
+        state = self.state
+        state.step += 1
+        state.samples += self.cfg.data.batch_size * self.ctx.world_size
+        state.batch_in_epoch += 1
+        if state.batch_in_epoch == self.steps_per_epoch:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+    def _after_step(self, outputs: dict[str, torch.Tensor], window: "_Throughput", progress) -> bool:
+        """Logging, checkpoints and validation after a step; True when training should stop."""
+        step, cfg = self.state.step, self.cfg
+        if step % cfg.logging.log_every_steps == 0 or step == self.total_steps:
+            self._log_step(outputs, window, progress)
+        if cfg.logging.histogram_every_steps and step % cfg.logging.histogram_every_steps == 0:
+            for name in ("user_norm", "item_norm"):
+                if name in outputs:
+                    self.tb.histogram(f"embedding_norm/{name}", outputs[name], step)
+        epoch_end = self.state.batch_in_epoch == 0
+        every = cfg.training.eval_every_steps
+        stop = False
+        if self.validation_split and ((every and step % every == 0) or (not every and epoch_end)):
+            stop = self._validate()
+        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < self.total_steps:
+            self._save(f"step-{step}")
+        if stop:
+            self._save(f"step-{step}")
+        return stop
+
+    def _log_step(self, outputs, window: "_Throughput", progress) -> None:
+        loss = _mean_across_ranks(outputs["loss"])
+        lrs = current_learning_rates(self.optimizer)
+        rate = window.rate()
+        progress.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:,.0f}")
+        logger.info("step %d/%d loss %.4f lr %s %.0f samples/s", self.state.step, self.total_steps, loss,
+                    " ".join(f"{k}={v:.2e}" for k, v in lrs.items()), rate)
+        self.tb.scalars({"loss": loss, "samples_per_second": rate, "epoch": self.state.epoch}, self.state.step, "train/")
+        self.tb.scalars(lrs, self.state.step, "lr/")
+
+    # ------------------------------------------------------------------------------------
+    # validation, checkpoints, resume
+    # ------------------------------------------------------------------------------------
+
+    def evaluate(self, split: str, exclude_splits: list[str]) -> dict[str, float]:
+        """Evaluate the current weights on ``split`` (collective: every rank must call it)."""
+        if self.pipeline is not None and hasattr(self.pipeline, "detach"):
+            self.pipeline.detach()  # restore the sharded modules' own forward for inference
+        self.model.eval()
+        try:
+            return self.spec.evaluate(self.task, self.dataset, split, exclude_splits, self.cfg, self.ctx)
+        finally:
+            self.model.train()
+
+    def _validate(self) -> bool:
+        metrics = self.evaluate(self.validation_split, ["train"])
+        state, cfg = self.state, self.cfg.training
+        self.tb.scalars(metrics, state.step, "val/")
+        value = metrics.get(self.metric)
+        if value is None:
+            raise TrecError(f"training.early_stopping_metric: '{self.metric}' is not among {', '.join(sorted(metrics))}")
+        improved = state.best_metric is None or value > state.best_metric
+        logger.info("validation at step %d: %s=%.4f (best %s)", state.step, self.metric, value,
+                    f"{state.best_metric:.4f}" if state.best_metric is not None else "-")
+        if improved:
+            state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
+            self._save(BEST)
+            return False
+        state.evals_without_improvement += 1
+        patience = cfg.early_stopping_patience
+        if cfg.early_stopping_metric and patience and state.evals_without_improvement >= patience:
+            logger.info("early stopping at step %d: no improvement of %s for %d evaluations (best %.4f at step %d)",
+                        state.step, self.metric, patience, state.best_metric, state.best_step)
+            return True
+        return False
+
+    def _save(self, name: str) -> None:
+        self.checkpointer.save(name, self.model, self.optimizer, self.state)
+
+    def _resume(self) -> None:
+        self.checkpointer.discard_incomplete()
+        if not self.cfg.checkpoint.resume:
+            return
+        latest = latest_checkpoint(self.run.checkpoints)
+        if latest is None:
+            return
+        state = self.checkpointer.load(latest, self.model, self.optimizer, self.cfg.training.seed)
+        if state.world_size != self.ctx.world_size:
+            # The split is re-partitioned across a different number of ranks: keep the epoch and
+            # the share of it already trained; the exact batch order cannot carry over.
+            state.batch_in_epoch = state.batch_in_epoch * state.world_size // self.ctx.world_size
+            logger.warning("resuming a %d-rank checkpoint on %d ranks: data order within the epoch changes",
+                           state.world_size, self.ctx.world_size)
+            state.world_size = self.ctx.world_size
+        self.state = state
+
+    # ------------------------------------------------------------------------------------
+    # final evaluation
+    # ------------------------------------------------------------------------------------
+
+    def final_evaluation(self, started: float) -> dict[str, float]:
+        """Test metrics of the best (or last) weights → RUN/metrics.json and TensorBoard."""
+        best = self.run.checkpoints / BEST
+        if is_complete(best):
+            load_model_weights(best, self.model)
+        metrics = self.evaluate("test", self.test_exclusions)
+        result = {
+            **metrics,
+            "step": self.state.step,
+            "best_step": self.state.best_step,
+            f"val/{self.metric}": self.state.best_metric,
+            "train_seconds": time.time() - started,
+            "world_size": self.ctx.world_size,
+        }
+        if self.ctx.is_main:
+            atomic_write_json(self.run.metrics, result)
+            self.tb.scalars(metrics, self.state.step, "test/")
+            self.tb.hparams(_flat_hparams(self.cfg), {k: v for k, v in metrics.items() if "@" in k and "/" not in k})
+        self._project_items()
+        barrier()
+        return result
+
+    def _project_items(self) -> None:
+        """A sample of item embeddings (with titles where known) for TensorBoard's projector."""
+        count = min(self.cfg.logging.projector_items, self.dataset.num_items)
+        encode = getattr(getattr(self.task, "model", None), "item_embeddings", None)
+        if count <= 0 or encode is None or not self.cfg.logging.tensorboard:
+            return
+        from trec.evaluation import encode_all_items
+
+        self.model.eval()
+        items = encode_all_items(encode, self.dataset, self.cfg.data.eval_batch_size, self.ctx, self.cfg.data.history_max_len)
+        self.model.train()
+        popular = torch.as_tensor(self.dataset.item_counts).argsort(descending=True)[:count]
+        titles = self.dataset.item_titles()
+        raw = self.dataset.raw_ids("item_id")
+        labels = [str(titles[i]) if titles else str(raw[i]) for i in popular.tolist()]
+        self.tb.projector(items[popular.to(items.device)], labels, self.state.step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class _Throughput:
+    """samples/s over the window since the last ``rate()`` call."""
+
+    def __init__(self, samples_per_step: int) -> None:
+        self.samples_per_step = samples_per_step
+        self.steps = 0
+        self.since = time.perf_counter()
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        value = self.steps * self.samples_per_step / max(now - self.since, 1e-9)
+        self.steps, self.since = 0, now
+        return value
+
+
+def _mean_across_ranks(value: torch.Tensor) -> float:
+    import torch.distributed as dist
+
+    value = value.detach().float().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value.item()
+
+
+def _flat_hparams(cfg: TrecConfig) -> dict[str, object]:
+    flat: dict[str, object] = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}{key}.", value)
+        elif isinstance(node, list):
+            flat[prefix[:-1]] = str(node)
+        else:
+            flat[prefix[:-1]] = node
+
+    sections = config_to_dict(cfg)
+    for section in ("model", "optimizer", "training", "data"):
+        walk(f"{section}.", sections[section])
+    return flat
+
+
+def train(cfg: TrecConfig, run_dir: Path, ctx: DistContext) -> dict[str, float]:
+    """Train ``cfg`` into ``run_dir`` (resuming if possible) and evaluate on the test split."""
+    started = time.time()
+    trainer = Trainer.build(cfg, run_dir, ctx)
+    try:
+        trainer.fit()
+        return trainer.final_evaluation(started)
+    finally:
+        trainer.close()
