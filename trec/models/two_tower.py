@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec import KeyedJaggedTensor
+from torchrec import KeyedJaggedTensor, KeyedTensor
 from torchrec.modules.mlp import MLP
 
 from trec.config import ModelConfig, NegativeStrategy, RetrievalLoss, TwoTowerConfig
@@ -41,6 +41,7 @@ class Tower(nn.Module):
     def __init__(self, tables, numeric_columns: list[int], cfg: TwoTowerConfig) -> None:
         super().__init__()
         self.ebc = embedding_bag_collection(tables)
+        self.feature_names = [name for table in tables for name in table.feature_names]
         self.numeric = NumericArch(numeric_columns, cfg.dense_dim) if numeric_columns else None
         in_dim = sum(table.embedding_dim for table in tables) + (cfg.dense_dim if numeric_columns else 0)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -53,7 +54,9 @@ class Tower(nn.Module):
         Returns the first ``rows`` (default all R) un-normalised embeddings, ``rows X D``; the
         tail rows are skipped before the MLP (item-only rows carry no user features).
         """
-        pooled = self.ebc(features).values()[:rows]
+        # By name, never .values(): a sharded EBC orders its output keys by the sharding plan,
+        # which changes with the world size.
+        pooled = KeyedTensor.regroup([self.ebc(features)], [self.feature_names])[0][:rows]
         parts = [pooled]
         if self.numeric is not None:
             parts.append(self.numeric(dense_features[:rows]))

@@ -1,0 +1,177 @@
+"""End-to-end training on MovieLens 100K with 2 gloo ranks: run directory, resume, resharding.
+
+One uninterrupted 2-rank run is shared by the tests; the others kill, resume or reload it.
+Training is deterministic on CPU, so a resumed run must end with bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+from trec.checkpoint import latest_checkpoint
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+CONFIG = "configs/movielens_two_tower.yaml"
+STEPS = 40
+OVERRIDES = [
+    f"training.max_steps={STEPS}",
+    "training.eval_every_steps=20",
+    "checkpoint.every_steps=5",
+    "checkpoint.keep_last=2",
+    "logging.log_every_steps=5",
+    "logging.histogram_every_steps=20",
+    "logging.projector_items=50",
+    "data.batch_size=512",
+]
+
+
+def train_command(run_dir: Path, data: Path, *extra: str, nproc: int = 2) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*launcher, "-m", "trec", "train", "--config", CONFIG, "--data", str(data), "--run-dir", str(run_dir),
+            *OVERRIDES, *extra]
+
+
+def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return _load_state_dict_from_keys(checkpoint_id=str(checkpoint))["model"]
+
+
+@pytest.fixture(scope="module")
+def ml_data(tmp_path_factory, ml100k) -> Path:
+    out = tmp_path_factory.mktemp("data") / "ml100k"
+    subprocess.run(
+        [sys.executable, "-m", "trec", "data", "prepare", "movielens", "--source", str(ml100k), "--out", str(out),
+         "--split", "stratified", "--test-fraction", "0.25", "--val-fraction", "0.1", "--seed", "42"],
+        check=True, capture_output=True, text=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, ml_data) -> Path:
+    """An uninterrupted 2-rank run of STEPS steps."""
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    proc = subprocess.run(train_command(run_dir, ml_data), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return run_dir
+
+
+def scalar_steps(tb_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
+def test_run_directory_has_config_checkpoints_metrics_and_tensorboard(full_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = (full_run / "config.yaml").read_text()
+    assert "name: two_tower" in config and "max_steps: 40" in config
+
+    metrics = json.loads((full_run / "metrics.json").read_text())
+    for k in (10, 20):
+        for name in ("precision", "recall", "ndcg", "map", "mrr", "hit", "coverage", "diversity"):
+            assert 0.0 <= metrics[f"{name}@{k}"] <= 1.0, (name, k)
+            assert f"popularity/{name}@{k}" in metrics
+    assert metrics["step"] == STEPS
+    assert metrics["users"] == 943  # every ML-100K user has test items under the 0.25 split
+    assert metrics["ndcg@10"] > metrics["popularity/ndcg@10"]  # it learned more than popularity
+
+    checkpoints = sorted(p.name for p in (full_run / "checkpoints").iterdir())
+    assert checkpoints == ["best", "step-35", "step-40"]  # keep_last=2, plus the best one
+    state = json.loads((full_run / "checkpoints" / "step-40" / "trainer_state.json").read_text())
+    assert state["step"] == STEPS and state["samples"] == STEPS * 512 * 2 and state["world_size"] == 2
+
+    tb = full_run / "tb"
+    assert scalar_steps(tb, "train/loss") == list(range(5, STEPS + 1, 5))
+    assert scalar_steps(tb, "val/ndcg@10") == [20, 40]
+    assert scalar_steps(tb, "test/ndcg@10") == [STEPS]
+    events = EventAccumulator(str(tb), size_guidance={"histograms": 0})
+    events.Reload()
+    assert "lr/sparse" in events.Tags()["scalars"] and "lr/dense" in events.Tags()["scalars"]
+    assert "embedding_norm/item_norm" in events.Tags()["histograms"]
+    assert (tb / "projector_config.pbtxt").is_file()
+    assert any((tb / "hparams").iterdir())  # the hparams plugin's run
+
+
+def test_resume_after_kill_reaches_same_step_with_identical_weights(full_run, ml_data, tmp_path):
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(train_command(run_dir, ml_data), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "step-10").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoints"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted_at = latest_checkpoint(run_dir / "checkpoints")
+    assert interrupted_at is not None and interrupted_at.name != f"step-{STEPS}", "the kill came too late"
+
+    resumed = subprocess.run(train_command(run_dir, ml_data), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    assert "resumed from" in resumed.stderr
+
+    final, reference = run_dir / "checkpoints" / f"step-{STEPS}", full_run / "checkpoints" / f"step-{STEPS}"
+    assert json.loads((final / "trainer_state.json").read_text()) == json.loads(
+        (reference / "trainer_state.json").read_text()
+    )
+    ours, theirs = model_weights(final), model_weights(reference)
+    assert ours.keys() == theirs.keys()
+    for key in ours:  # any repeated or skipped batch would change the weights
+        assert torch.equal(ours[key], theirs[key]), key
+    metrics, expected = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, full_run))
+    assert metrics["ndcg@10"] == expected["ndcg@10"]
+    # TensorBoard drops what the killed attempt logged after the checkpoint: each step once.
+    assert scalar_steps(run_dir / "tb", "train/loss") == list(range(5, STEPS + 1, 5))
+
+
+def test_two_rank_checkpoint_evaluates_identically_on_one_rank(full_run, run_trec, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(full_run, run_dir)
+    expected = json.loads((full_run / "metrics.json").read_text())
+    run_trec("evaluate", "--run-dir", run_dir)  # one process: DCP re-shards the 2-rank checkpoint
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("ndcg@10", "recall@20", "map@10", "coverage@10", "diversity@10"):
+        assert metrics[key] == pytest.approx(expected[key], abs=1e-9), key
+
+
+def test_two_rank_checkpoint_resumes_training_on_one_rank(full_run, ml_data, tmp_path):
+    run_dir = tmp_path / "one_rank"
+    shutil.copytree(full_run, run_dir)
+    proc = subprocess.run(train_command(run_dir, ml_data, "training.max_steps=45", nproc=1),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "resuming a 2-rank checkpoint on 1 ranks" in proc.stderr
+    state = json.loads((run_dir / "checkpoints" / "step-45" / "trainer_state.json").read_text())
+    assert state["step"] == 45 and state["world_size"] == 1
+
+
+def test_half_written_checkpoints_are_never_picked(full_run, ml_data, tmp_path):
+    run_dir = tmp_path / "half"
+    shutil.copytree(full_run, run_dir)
+    checkpoints = run_dir / "checkpoints"
+    # A save interrupted before its rename, and one under its final name without DCP metadata.
+    shutil.copytree(checkpoints / "step-40", checkpoints / ".step-45.tmp")
+    shutil.copytree(checkpoints / "step-40", checkpoints / "step-50")
+    (checkpoints / "step-50" / ".metadata").unlink()
+    assert latest_checkpoint(checkpoints).name == "step-40"
+
+    proc = subprocess.run(train_command(run_dir, ml_data, "training.max_steps=45"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert f"resumed from {checkpoints / 'step-40'}" in proc.stderr
+    assert not (checkpoints / ".step-45.tmp").exists()  # the interrupted save was cleaned up
+    assert latest_checkpoint(checkpoints).name == "step-45"
