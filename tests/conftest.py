@@ -66,3 +66,16 @@ def ml100k() -> Path:
     if not (ML100K / "u.data").is_file():
         pytest.fail(f"MovieLens 100K not found at {ML100K} (CI provides ../shared beside the clone)")
     return ML100K
+
+
+@pytest.fixture(scope="session")
+def ml100k_prepared(ml100k, tmp_path_factory) -> Path:
+    """ML-100K prepared with the benchmark protocol (stratified 0.25, seed 42, val 0.1), once per session."""
+    from data_pipeline.prepare import prepare_dataset
+    from data_pipeline.sources.movielens import MovieLensSource
+    from trec.config import PrepareConfig
+
+    out = tmp_path_factory.mktemp("prepared") / "ml100k"
+    options = PrepareConfig(test_fraction=0.25, val_fraction=0.1, seed=42)
+    prepare_dataset(MovieLensSource(str(ml100k)), out, options)
+    return out
