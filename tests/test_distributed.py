@@ -26,6 +26,10 @@ def test_row_wise_is_refused_on_cpu_with_advice():
         allowed_sharding_types([ShardingKind.row_wise], torch.device("cpu"))
     assert "row_wise" in allowed_sharding_types([], torch.device("cuda"))
     assert "row_wise" not in allowed_sharding_types([], torch.device("cpu"))
+    # Listed beside CPU-capable kinds (a config shared by CPU and CUDA runs), it is skipped on CPU.
+    mixed = [ShardingKind.table_wise, ShardingKind.row_wise]
+    assert allowed_sharding_types(mixed, torch.device("cpu")) == ["table_wise"]
+    assert allowed_sharding_types(mixed, torch.device("cuda")) == ["table_wise", "row_wise"]
 
 
 def test_constraints_per_table_override_section_default():

@@ -11,68 +11,25 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
+from training import STEPS, model_weights, scalar_steps, train_command
 from trec.checkpoint import latest_checkpoint
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-CONFIG = "configs/movielens_two_tower.yaml"
-STEPS = 40
-OVERRIDES = [
-    f"training.max_steps={STEPS}",
-    "training.eval_every_steps=20",
-    "checkpoint.every_steps=5",
-    "checkpoint.keep_last=2",
-    "logging.log_every_steps=5",
-    "logging.histogram_every_steps=20",
-    "logging.projector_items=50",
-    "data.batch_size=512",
-]
-
-
-def train_command(run_dir: Path, data: Path, *extra: str, nproc: int = 2) -> list[str]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return [*launcher, "-m", "trec", "train", "--config", CONFIG, "--data", str(data), "--run-dir", str(run_dir),
-            *OVERRIDES, *extra]
-
-
-def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return _load_state_dict_from_keys(checkpoint_id=str(checkpoint))["model"]
-
 
 @pytest.fixture(scope="module")
-def ml_data(tmp_path_factory, ml100k) -> Path:
-    out = tmp_path_factory.mktemp("data") / "ml100k"
-    subprocess.run(
-        [sys.executable, "-m", "trec", "data", "prepare", "movielens", "--source", str(ml100k), "--out", str(out),
-         "--split", "stratified", "--test-fraction", "0.25", "--val-fraction", "0.1", "--seed", "42"],
-        check=True, capture_output=True, text=True,
-    )
-    return out
-
-
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory, ml_data) -> Path:
+def full_run(tmp_path_factory, ml100k_prepared) -> Path:
     """An uninterrupted 2-rank run of STEPS steps."""
     run_dir = tmp_path_factory.mktemp("runs") / "full"
-    proc = subprocess.run(train_command(run_dir, ml_data), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(train_command(run_dir, ml100k_prepared), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return run_dir
-
-
-def scalar_steps(tb_dir: Path, tag: str) -> list[int]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return [event.step for event in events.Scalars(tag)]
 
 
 def test_run_directory_has_config_checkpoints_metrics_and_tensorboard(full_run):
@@ -107,9 +64,9 @@ def test_run_directory_has_config_checkpoints_metrics_and_tensorboard(full_run):
     assert any((tb / "hparams").iterdir())  # the hparams plugin's run
 
 
-def test_resume_after_kill_reaches_same_step_with_identical_weights(full_run, ml_data, tmp_path):
+def test_resume_after_kill_reaches_same_step_with_identical_weights(full_run, ml100k_prepared, tmp_path):
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(train_command(run_dir, ml_data), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(train_command(run_dir, ml100k_prepared), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
     while not (run_dir / "checkpoints" / "step-10").is_dir():
@@ -120,7 +77,7 @@ def test_resume_after_kill_reaches_same_step_with_identical_weights(full_run, ml
     interrupted_at = latest_checkpoint(run_dir / "checkpoints")
     assert interrupted_at is not None and interrupted_at.name != f"step-{STEPS}", "the kill came too late"
 
-    resumed = subprocess.run(train_command(run_dir, ml_data), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(train_command(run_dir, ml100k_prepared), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     assert "resumed from" in resumed.stderr
 
@@ -148,10 +105,10 @@ def test_two_rank_checkpoint_evaluates_identically_on_one_rank(full_run, run_tre
         assert metrics[key] == pytest.approx(expected[key], abs=1e-9), key
 
 
-def test_two_rank_checkpoint_resumes_training_on_one_rank(full_run, ml_data, tmp_path):
+def test_two_rank_checkpoint_resumes_training_on_one_rank(full_run, ml100k_prepared, tmp_path):
     run_dir = tmp_path / "one_rank"
     shutil.copytree(full_run, run_dir)
-    proc = subprocess.run(train_command(run_dir, ml_data, "training.max_steps=45", nproc=1),
+    proc = subprocess.run(train_command(run_dir, ml100k_prepared, "training.max_steps=45", nproc=1),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "resuming a 2-rank checkpoint on 1 ranks" in proc.stderr
@@ -159,7 +116,7 @@ def test_two_rank_checkpoint_resumes_training_on_one_rank(full_run, ml_data, tmp
     assert state["step"] == 45 and state["world_size"] == 1
 
 
-def test_half_written_checkpoints_are_never_picked(full_run, ml_data, tmp_path):
+def test_half_written_checkpoints_are_never_picked(full_run, ml100k_prepared, tmp_path):
     run_dir = tmp_path / "half"
     shutil.copytree(full_run, run_dir)
     checkpoints = run_dir / "checkpoints"
@@ -169,7 +126,7 @@ def test_half_written_checkpoints_are_never_picked(full_run, ml_data, tmp_path):
     (checkpoints / "step-50" / ".metadata").unlink()
     assert latest_checkpoint(checkpoints).name == "step-40"
 
-    proc = subprocess.run(train_command(run_dir, ml_data, "training.max_steps=45"),
+    proc = subprocess.run(train_command(run_dir, ml100k_prepared, "training.max_steps=45"),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert f"resumed from {checkpoints / 'step-40'}" in proc.stderr

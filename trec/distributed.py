@@ -87,6 +87,18 @@ def configure_logging(rank: int, level: str = "INFO") -> None:
     logger.setLevel(getattr(logging, level.upper(), logging.INFO) if rank == 0 else logging.WARNING)
 
 
+def _attempt_store(timeout: timedelta) -> dist.Store:
+    """torchrun's store, with keys private to this restart attempt.
+
+    After a worker dies, torchrun restarts the group against the same agent store; without a
+    per-attempt prefix, a restarted rank can read the dead rank's gloo address and fail to
+    connect (seen with torch 2.13's c10d rendezvous).
+    """
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"/trec/attempt_{attempt}", store)
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 1800) -> DistContext:
     """Join torchrun's process group, or form a single-process group when run directly."""
     rank = int(os.environ.get("RANK", 0))
@@ -97,7 +109,8 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800) -> DistConte
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
         if launched_by_torchrun():
-            dist.init_process_group(backend=backend, timeout=timeout)
+            dist.init_process_group(backend=backend, store=_attempt_store(timeout), rank=rank,
+                                    world_size=world_size, timeout=timeout)
         else:
             # A group of one needs no rendezvous: an in-memory store is enough.
             dist.init_process_group(
@@ -171,13 +184,14 @@ def allowed_sharding_types(requested: list[ShardingKind], device: torch.device) 
     """The sharding types the planner may use on ``device`` (torchrec's string values)."""
     kinds = list(requested) or [kind for kind in ShardingKind if kind != ShardingKind.table_row_wise]
     if device.type != "cuda":
-        rejected = [kind.value for kind in kinds if kind in _CUDA_ONLY_SHARDING]
-        if requested and rejected:
+        # A config may list row-wise kinds for its CUDA runs; on CPU they are skipped, unless
+        # nothing else is allowed.
+        kinds = [kind for kind in kinds if kind not in _CUDA_ONLY_SHARDING]
+        if not kinds:
             raise TrecError(
-                f"sharding.sharding_types: {', '.join(rejected)} needs CUDA; on CPU use "
+                f"sharding.sharding_types: {', '.join(k.value for k in requested)} needs CUDA; on CPU use "
                 "table_wise, column_wise, table_column_wise or data_parallel"
             )
-        kinds = [kind for kind in kinds if kind not in _CUDA_ONLY_SHARDING]
     return [kind.value for kind in kinds]
 
 

@@ -39,16 +39,21 @@ def candidate_log_q(
     return torch.log(expected.clamp_min(1e-12))
 
 
-def _own_positive(num_positives: int, num_candidates: int, device: torch.device) -> torch.Tensor:
-    """(B, C) bool, True at (i, i): row i's own positive."""
-    return torch.eye(num_positives, num_candidates, dtype=torch.bool, device=device)
-
-
 def accidental_hits(candidate_items: torch.Tensor, num_positives: int) -> torch.Tensor:
     """(B, C) bool: candidate j carries row i's positive item but is not row i's own positive."""
-    positives = candidate_items[:num_positives]
-    same_item = positives[:, None] == candidate_items[None, :]
-    return same_item & ~_own_positive(num_positives, candidate_items.shape[0], candidate_items.device)
+    hits = candidate_items[:num_positives, None] == candidate_items[None, :]
+    return hits.fill_diagonal_(False)
+
+
+def scaled_logits(user, candidates, inverse_temperature, log_q: torch.Tensor | None) -> torch.Tensor:
+    """(B, C) logits ``<u, v> / T - log_q``, computed in one pass over the B X C matrix.
+
+    The temperature scales the B X D side and the logQ term is added by ``addmm`` itself: at a
+    batch of thousands, every extra pass over B X C costs more than the matmul.
+    """
+    if log_q is None:
+        return (user * inverse_temperature) @ candidates.T
+    return torch.addmm(-log_q[None, :], user * inverse_temperature, candidates.T)
 
 
 def keep_hardest(logits: torch.Tensor, num_positives: int, num_hard: int) -> torch.Tensor:
@@ -91,11 +96,9 @@ def sampled_softmax_loss(
         scalar mean loss.
     """
     num_positives = user.shape[0]
-    logits = (user @ candidates.T) * inverse_temperature
-    if log_q is not None:
-        logits = logits - log_q[None, :]
+    logits = scaled_logits(user, candidates, inverse_temperature, log_q)
     if mask_hits:
-        logits = logits.masked_fill(accidental_hits(candidate_items, num_positives), _MASKED)
+        logits = logits.masked_fill_(accidental_hits(candidate_items, num_positives), _MASKED)
     if num_hard is not None:
         logits = keep_hardest(logits, num_positives, num_hard)
     target = torch.arange(num_positives, device=logits.device)
@@ -115,8 +118,8 @@ def pointwise_bce_loss(
     on how many negatives a batch carries. Shapes as in :func:`sampled_softmax_loss`.
     """
     num_positives = user.shape[0]
-    logits = (user @ candidates.T) * inverse_temperature
-    own = _own_positive(num_positives, candidates.shape[0], logits.device)
+    logits = scaled_logits(user, candidates, inverse_temperature, None)
+    own = torch.eye(num_positives, candidates.shape[0], dtype=torch.bool, device=logits.device)
     per_pair = F.binary_cross_entropy_with_logits(logits, own.float(), reduction="none")
     negatives = ~own
     if mask_hits:

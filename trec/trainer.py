@@ -14,6 +14,7 @@ logging and TensorBoard.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,8 @@ class Trainer:
         dataset = PreparedDataset.open(cfg.data.path)
         spec = model_spec(cfg.model)
         model, task = build_sharded_task(cfg, dataset, ctx, train=True)
+        if spec.setup is not None:
+            spec.setup(task, cfg, dataset, ctx, run.root)
         reader = InteractionReader(
             dataset,
             "train",
@@ -152,7 +155,9 @@ class Trainer:
         )
         batches = self._batches()
         progress = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.ctx.is_main,
-                        desc="train", unit="step", dynamic_ncols=True)
+                        desc="train", unit="step", dynamic_ncols=True,
+                        # Under torchrun/torchx the output is a pipe: redraw rarely so logs stay readable.
+                        mininterval=0.5 if sys.stderr.isatty() else 30.0)
         window = _Throughput(self.cfg.data.batch_size * self.ctx.world_size)
         stop = False
         while not stop and self.state.step < self.total_steps:
@@ -309,7 +314,7 @@ class Trainer:
         if self.ctx.is_main:
             atomic_write_json(self.run.metrics, result)
             self.tb.scalars(metrics, self.state.step, "test/")
-            self.tb.hparams(_flat_hparams(self.cfg), {k: v for k, v in metrics.items() if "@" in k and "/" not in k})
+            self.tb.hparams(_flat_hparams(self.cfg), {k: v for k, v in metrics.items() if "/" not in k and k != "users"})
         self._project_items()
         barrier()
         return result

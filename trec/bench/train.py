@@ -1,15 +1,340 @@
-"""`trec bench train` (issue 4)."""
+"""`trec bench train`: sharded two-tower training throughput against plain-PyTorch embeddings.
+
+The model is configs/synthetic_large_two_tower.yaml on a synthetic dataset with hashed IDs, so
+its tables have ``--rows`` rows in all (user_id, item_id and user_history: a third each),
+``--dim`` wide. The same pre-built batches are fed to:
+
+- **trec**: DistributedModelParallel, FBGEMM fused RowWiseAdagrad applied in backward,
+  TrainPipelineSparseDist (1 rank in this process; 2 ranks through torchrun);
+- **baseline (a)**: the same model with ``nn.EmbeddingBag(sparse=True)`` + ``SparseAdam`` for the
+  tables and Adam for the MLPs;
+- **baseline (b)**: the same model with dense ``nn.Embedding`` + Adam for everything, as simple
+  implementations do (every step updates the whole table).
+
+It prints samples/s, the ratios trec / baseline, and the embedding traffic achieved by trec
+(rows looked up per second x D x 4 bytes x 3: the forward read and the optimizer's read and
+write) against a memory-copy bandwidth measured in the same run.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-from trec.errors import TrecError
+import numpy as np
+import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor, KeyedTensor
+
+from trec.config import TrecConfig, load_config
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synthetic_large_two_tower.yaml"
+TARGETS = {"sparse_baseline": 5.0, "dense_baseline": 100.0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--data", metavar="DIR", help="prepared dataset (default: a synthetic one in --cache)")
+    parser.add_argument("--cache", metavar="DIR", default="data/bench-train",
+                        help="where the synthetic dataset is prepared and reused (default data/bench-train)")
+    parser.add_argument("--rows", type=int, default=10_500_000,
+                        help="embedding rows in all: user_id, item_id, user_history get a third each (default 10.5M)")
+    parser.add_argument("--interactions", type=int, default=2_000_000, help="synthetic interactions (default 2M)")
+    parser.add_argument("--dim", type=int, default=64, help="embedding width (default 64)")
+    parser.add_argument("--batch-size", type=int, default=4096, help="rows per rank per step (default 4096)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration (default 30)")
+    parser.add_argument("--dense-steps", type=int, default=4, help="timed steps of the dense baseline (default 4)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--ranks", default="1,2", help="world sizes for trec (default 1,2)")
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)  # internal: one torchrun rank of the trec run
+
+
+# --------------------------------------------------------------------------------------------
+# data and model
+# --------------------------------------------------------------------------------------------
+
+
+def bench_config(batch_size: int, dim: int) -> TrecConfig:
+    return load_config(CONFIG, [f"data.batch_size={batch_size}", f"model.embedding_dim={dim}",
+                                "optimizer.warmup_steps=0", "optimizer.decay=none"])
+
+
+def dataset_dir(args: argparse.Namespace) -> Path:
+    """--data, or a synthetic dataset whose hashed ID tables add up to --rows (prepared once)."""
+    if args.data:
+        return Path(args.data)
+    buckets = args.rows // 3
+    cache = Path(args.cache) / f"{args.interactions}-{buckets}"
+    if not (cache / "manifest.json").is_file():
+        from data_pipeline.prepare import prepare_dataset
+        from data_pipeline.sources.synthetic import SyntheticSource
+        from trec.config import IdMapping, PrepareConfig
+
+        options = PrepareConfig(seed=0, id_mapping=IdMapping.hash, hash_buckets=buckets, history_max_len=20,
+                                test_fraction=0.05)
+        options.synthetic.users, options.synthetic.items = buckets, buckets
+        options.synthetic.interactions = args.interactions
+        print(f"preparing a synthetic dataset ({args.interactions:,} interactions, {buckets:,} hash buckets "
+              f"per ID table) in {cache} (reused next time)", flush=True)
+        prepare_dataset(SyntheticSource(options.synthetic, options.seed, options.rows_per_shard), cache, options,
+                        overwrite=True)
+    return cache
+
+
+def prebuilt_batches(dataset, cfg: TrecConfig, count: int, rank: int, world_size: int, augment) -> list:
+    """``count`` training batches of this rank, built before timing so every contender gets the same."""
+    from trec.data import InteractionReader
+
+    reader = InteractionReader(dataset, "train", cfg.data.batch_size, rank=rank, world_size=world_size,
+                               seed=0, history_max_len=cfg.data.history_max_len, augment=augment)
+    batches = []
+    while len(batches) < count:
+        for batch in reader:
+            batches.append(batch)
+            if len(batches) == count:
+                break
+    return batches
+
+
+class PlainEmbeddingBags(nn.Module):
+    """A drop-in for an EmbeddingBagCollection made of plain PyTorch modules (the baselines).
+
+    ``sparse=True``: ``nn.EmbeddingBag(sparse=True)`` (sparse gradients, for SparseAdam);
+    ``sparse=False``: ``nn.Embedding`` with a dense gradient and pooling by ``index_add``.
+    forward(KJT) → KeyedTensor of R X (sum of widths), like the EBC it replaces.
+    """
+
+    def __init__(self, tables, sparse: bool) -> None:
+        super().__init__()
+        self.names = [table.feature_names[0] for table in tables]
+        self.dims = [table.embedding_dim for table in tables]
+        self.means = [table.pooling.value == "MEAN" for table in tables]
+        self.sparse = sparse
+        if sparse:
+            self.tables = nn.ModuleList(
+                nn.EmbeddingBag(t.num_embeddings, t.embedding_dim, mode="mean" if mean else "sum", sparse=True)
+                for t, mean in zip(tables, self.means))
+        else:
+            self.tables = nn.ModuleList(nn.Embedding(t.num_embeddings, t.embedding_dim) for t in tables)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        pooled = []
+        for name, table, mean in zip(self.names, self.tables, self.means):
+            jagged = features[name]
+            if self.sparse:
+                pooled.append(table(jagged.values(), jagged.offsets()[:-1]))
+                continue
+            lengths = jagged.lengths()
+            rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+            out = torch.zeros(len(lengths), table.embedding_dim).index_add_(0, rows, table(jagged.values()))
+            pooled.append(out / lengths.clamp_min(1)[:, None] if mean else out)
+        return KeyedTensor(keys=self.names, length_per_key=self.dims, values=torch.cat(pooled, dim=1))
+
+
+def baseline_task(cfg: TrecConfig, dataset, sparse: bool) -> nn.Module:
+    """trec's two-tower task with its EBCs swapped for plain PyTorch embeddings."""
+    from trec.models.two_tower import build_two_tower_task
+
+    task = build_two_tower_task(cfg.model, dataset)
+    for tower in (task.model.user_tower, task.model.item_tower):
+        tables = tower.ebc.embedding_bag_configs()
+        tower.ebc = PlainEmbeddingBags(tables, sparse)
+    return task
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------
+
+
+def _lookups(batches) -> float:
+    return float(np.mean([batch.sparse_features.values().numel() for batch in batches]))
+
+
+def time_steps(step, batches, warmup: int, sync=lambda: None) -> float:
+    """Seconds per step over ``batches[warmup:]`` (the first ``warmup`` batches are untimed)."""
+    for batch in batches[:warmup]:
+        step(batch)
+    sync()
+    started = time.perf_counter()
+    for batch in batches[warmup:]:
+        step(batch)
+    sync()
+    return (time.perf_counter() - started) / max(len(batches) - warmup, 1)
+
+
+def trec_seconds_per_step(cfg: TrecConfig, dataset, ctx, batches, warmup: int) -> float:
+    """Sharded two-tower steps through TrainPipelineSparseDist over pre-built batches."""
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    from trec.distributed import barrier
+    from trec.optim import build_optimizer
+    from trec.trainer import build_sharded_task
+
+    model, _ = build_sharded_task(cfg, dataset, ctx, train=True)
+    optimizer = build_optimizer(model, cfg.optimizer, total_steps=len(batches))
+    model.train()
+    pipeline = TrainPipelineSparseDist(model, optimizer, ctx.device)
+    iterator = iter(batches)
+    seconds = time_steps(lambda _: pipeline.progress(iterator), batches, warmup, barrier)
+    del pipeline, optimizer, model
+    gc.collect()
+    return seconds
+
+
+def baseline_seconds_per_step(cfg: TrecConfig, dataset, batches, warmup: int, sparse: bool) -> float:
+    task = baseline_task(cfg, dataset, sparse)
+    tables = [p for name, p in task.named_parameters() if ".ebc." in name]
+    others = [p for name, p in task.named_parameters() if ".ebc." not in name]
+    if sparse:
+        optimizers = [torch.optim.SparseAdam(tables, lr=1e-3), torch.optim.Adam(others, lr=1e-3)]
+    else:
+        optimizers = [torch.optim.Adam(tables + others, lr=1e-3)]
+
+    def step(batch) -> None:
+        loss, _ = task(batch)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    seconds = time_steps(step, batches, warmup)
+    del task, optimizers, tables, others
+    gc.collect()
+    return seconds
+
+
+def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write), the memory-bandwidth yardstick."""
+    source = torch.ones(megabytes * (1 << 20) // 4)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    return 2 * source.numel() * 4 * repeats / (time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------------------------
+# entry points
+# --------------------------------------------------------------------------------------------
+
+
+def step_rate(dataset, batch_size: int, steps: int = 20, warmup: int = 3) -> float:
+    """trec training steps/s of the benchmark model on ``dataset`` at ``batch_size`` (1 rank)."""
+    from trec.distributed import distributed_session
+    from trec.trainer import build_sharded_task  # noqa: F401  (fail early if the trainer is missing)
+
+    cfg = bench_config(batch_size, 64)
+    with distributed_session(seed=0, log_level="WARNING") as ctx:
+        from trec.models import model_spec
+
+        augment = getattr(model_spec(cfg.model).build_task(cfg.model, dataset), "augment", None)
+        batches = prebuilt_batches(dataset, cfg, steps + warmup, 0, 1, augment)
+        return 1.0 / trec_seconds_per_step(cfg, dataset, ctx, batches, warmup)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """One rank of the multi-rank trec measurement (launched by `run` through torchrun)."""
+    from trec.data import PreparedDataset
+    from trec.distributed import distributed_session
+
+    cfg = bench_config(args.batch_size, args.dim)
+    dataset = PreparedDataset.open(args.data)
+    with distributed_session(seed=0, log_level="WARNING") as ctx:
+        batches = prebuilt_batches(dataset, cfg, args.steps + args.warmup, ctx.rank, ctx.world_size, None)
+        seconds = trec_seconds_per_step(cfg, dataset, ctx, batches, args.warmup)
+        if ctx.is_main:
+            Path(args.worker_out).write_text(json.dumps({"seconds_per_step": seconds, "lookups": _lookups(batches)}))
+    return 0
+
+
+def _multi_rank(args: argparse.Namespace, data: Path, world_size: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
+                   "-m", "trec", "bench", "train", "--data", str(data), "--dim", str(args.dim),
+                   "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--worker-out", str(out)]
+        subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(max(1, os.cpu_count() // world_size))))
+        return json.loads(out.read_text())
 
 
 def run(args: argparse.Namespace) -> int:
-    raise TrecError("'trec bench train' is not implemented yet (issue 4)")
+    if args.worker_out:
+        return _worker(args)
+    from trec.data import PreparedDataset
+    from trec.distributed import distributed_session
+
+    data = dataset_dir(args)
+    dataset = PreparedDataset.open(data)
+    cfg = bench_config(args.batch_size, args.dim)
+    rows = sum(f.cardinality for f in dataset.sparse_features)
+    print(f"model: {CONFIG.name}, {rows:,} embedding rows x {args.dim} "
+          f"({rows * args.dim * 4 / 2**30:.1f} GiB per copy), batch {args.batch_size}", flush=True)
+    bandwidth = copy_bandwidth()
+    results: dict[str, dict] = {}
+    with distributed_session(seed=0, log_level="WARNING") as ctx:
+        batches = prebuilt_batches(dataset, cfg, args.steps + args.warmup, 0, 1, None)
+        lookups = _lookups(batches)
+        results["trec, 1 rank"] = {"seconds_per_step": trec_seconds_per_step(cfg, dataset, ctx, batches, args.warmup),
+                                   "world_size": 1, "lookups": lookups}
+        print("timed trec (1 rank)", flush=True)
+    results["baseline (a): EmbeddingBag(sparse) + SparseAdam"] = {
+        "seconds_per_step": baseline_seconds_per_step(cfg, dataset, batches, args.warmup, sparse=True), "world_size": 1}
+    print("timed baseline (a)", flush=True)
+    dense_batches = batches[: args.warmup + args.dense_steps]
+    results["baseline (b): dense Embedding + Adam"] = {
+        "seconds_per_step": baseline_seconds_per_step(cfg, dataset, dense_batches, min(args.warmup, 1), sparse=False),
+        "world_size": 1}
+    print("timed baseline (b)", flush=True)
+    del batches, dense_batches
+    gc.collect()
+    for world_size in (int(w) for w in args.ranks.split(",") if int(w) > 1):
+        measured = _multi_rank(args, data, world_size)
+        results[f"trec, {world_size} ranks"] = {**measured, "world_size": world_size}
+    report = _report(results, args, bandwidth, rows)
+    print(report["table"])
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=2) + "\n")
+    return 0
+
+
+def _report(results: dict, args, bandwidth: float, rows: int) -> dict:
+    sparse = results["baseline (a): EmbeddingBag(sparse) + SparseAdam"]
+    dense = results["baseline (b): dense Embedding + Adam"]
+    lines = [f"{'':<48}{'samples/s':>12}{'vs (a)':>9}{'vs (b)':>9}{'emb GB/s':>10}"]
+    figures = []
+    for name, result in results.items():
+        samples = args.batch_size * result["world_size"] / result["seconds_per_step"]
+        row = {"name": name, "samples_per_s": samples, **result,
+               "vs_sparse_baseline": sparse["seconds_per_step"] / result["seconds_per_step"] * result["world_size"],
+               "vs_dense_baseline": dense["seconds_per_step"] / result["seconds_per_step"] * result["world_size"]}
+        traffic = ""
+        if "lookups" in result:
+            row["embedding_bytes_per_s"] = result["lookups"] * result["world_size"] * args.dim * 4 * 3 / result["seconds_per_step"]
+            traffic = f"{row['embedding_bytes_per_s'] / 1e9:>10.2f}"
+        figures.append(row)
+        lines.append(f"{name:<48}{samples:>12,.0f}{row['vs_sparse_baseline']:>8.1f}x{row['vs_dense_baseline']:>8.1f}x{traffic}")
+    one_rank = figures[0]
+    lines.append(f"memory-copy bandwidth: {bandwidth / 1e9:.2f} GB/s; trec (1 rank) embedding traffic is "
+                 f"{one_rank['embedding_bytes_per_s'] / bandwidth:.1%} of it")
+    verdict = all(one_rank[f"vs_{key}"] >= target for key, target in TARGETS.items())
+    lines.append(f"targets at 1 rank: >= {TARGETS['sparse_baseline']:.0f}x (a) and >= {TARGETS['dense_baseline']:.0f}x (b): "
+                 f"{'met' if verdict else 'NOT met'}")
+    return {
+        "benchmark": "train", "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "embedding_rows": rows, "dim": args.dim, "batch_size": args.batch_size, "steps": args.steps,
+        "copy_bandwidth_bytes_per_s": bandwidth, "results": figures, "targets_met": verdict,
+        "table": "\n".join(lines),
+    }

@@ -1,0 +1,41 @@
+"""Helpers shared by the end-to-end training tests (a 2-rank gloo run of the ML-100K two-tower)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+CONFIG = "configs/movielens_two_tower.yaml"
+STEPS = 40
+OVERRIDES = [
+    f"training.max_steps={STEPS}",
+    "training.eval_every_steps=20",
+    "checkpoint.every_steps=5",
+    "checkpoint.keep_last=2",
+    "logging.log_every_steps=5",
+    "logging.histogram_every_steps=20",
+    "logging.projector_items=50",
+    "data.batch_size=512",
+]
+
+
+def train_command(run_dir: Path, data: Path, *extra: str, nproc: int = 2) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*launcher, "-m", "trec", "train", "--config", CONFIG, "--data", str(data), "--run-dir", str(run_dir),
+            *OVERRIDES, *extra]
+
+
+def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The model tensors of a DCP checkpoint, loaded whole in this process."""
+    return _load_state_dict_from_keys(checkpoint_id=str(checkpoint))["model"]
+
+
+def scalar_steps(tb_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
