@@ -1,0 +1,64 @@
+"""The few collectives an export needs, over whatever process group the caller set up.
+
+With no initialised group (or a group of one) every function is a local no-op, so the same
+export code runs in a single process. Tensors travel on the group's device (CUDA for nccl).
+Bytes are broadcast as uint8 tensors, never pickled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from trec.distributed import barrier  # noqa: F401  (re-exported: the one barrier helper)
+from trec.errors import TrecError
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def group_rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size) of this process; explicit values must agree with the process group."""
+    actual = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    rank = actual[0] if rank is None else rank
+    world_size = actual[1] if world_size is None else world_size
+    if (rank, world_size) != actual:
+        raise TrecError(
+            f"export: called as rank {rank} of {world_size}, but the process group says rank "
+            f"{actual[0]} of {actual[1]} (initialise torch.distributed before a multi-rank export)"
+        )
+    return rank, world_size
+
+
+def _device() -> torch.device:
+    # nccl moves CUDA tensors only; gloo moves CPU tensors.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_bytes(data: bytes | None, src: int = 0) -> bytes:
+    """Rank ``src``'s ``data`` on every rank (other ranks pass None)."""
+    if not is_distributed():
+        return data if data is not None else b""
+    device = _device()
+    mine = dist.get_rank() == src
+    size = torch.tensor([len(data) if mine else 0], dtype=torch.int64, device=device)
+    dist.broadcast(size, src)
+    if mine:
+        buffer = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).to(device)
+    else:
+        buffer = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(buffer, src)
+    return data if mine else buffer.cpu().numpy().tobytes()
+
+
+def all_succeeded(ok: bool) -> bool:
+    """True when every rank passes ``ok=True`` (so a failure on one rank stops all, without a hang)."""
+    if not is_distributed():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
