@@ -79,3 +79,43 @@ def ml100k_prepared(ml100k, tmp_path_factory) -> Path:
     options = PrepareConfig(test_fraction=0.25, val_fraction=0.1, seed=42)
     prepare_dataset(MovieLensSource(str(ml100k)), out, options)
     return out
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory, ml100k_prepared) -> Path:
+    """An uninterrupted 2-rank two-tower run of training.STEPS steps on ML-100K."""
+    from training import train_command
+
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    proc = subprocess.run(train_command(run_dir, ml100k_prepared), capture_output=True, text=True, timeout=900,
+                          env=_env())
+    _check(proc, True)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def resumed_run(tmp_path_factory, ml100k_prepared):
+    """The same run, SIGKILLed once its step-10 checkpoint exists, then resumed to the end.
+
+    Returns (run dir, newest complete checkpoint at the kill, log of the resumed attempt).
+    """
+    import signal
+    import time
+
+    from training import train_command
+    from trec.checkpoint import latest_checkpoint
+
+    run_dir = tmp_path_factory.mktemp("runs") / "resumed"
+    proc = subprocess.Popen(train_command(run_dir, ml100k_prepared), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=_env())
+    deadline = time.time() + 600
+    while not (run_dir / "checkpoints" / "step-10").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoints"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted_at = latest_checkpoint(run_dir / "checkpoints")
+    resumed = subprocess.run(train_command(run_dir, ml100k_prepared), capture_output=True, text=True, timeout=900,
+                             env=_env())
+    _check(resumed, True)
+    return run_dir, interrupted_at, resumed.stderr

@@ -1,35 +1,24 @@
 """End-to-end training on MovieLens 100K with 2 gloo ranks: run directory, resume, resharding.
 
-One uninterrupted 2-rank run is shared by the tests; the others kill, resume or reload it.
-Training is deterministic on CPU, so a resumed run must end with bit-identical weights.
+The uninterrupted 2-rank run and the killed-then-resumed one are session fixtures (conftest),
+shared with the export tests. Training is deterministic on CPU, so a resumed run must end with
+bit-identical weights.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from training import STEPS, model_weights, scalar_steps, train_command
+
 from trec.checkpoint import latest_checkpoint
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory, ml100k_prepared) -> Path:
-    """An uninterrupted 2-rank run of STEPS steps."""
-    run_dir = tmp_path_factory.mktemp("runs") / "full"
-    proc = subprocess.run(train_command(run_dir, ml100k_prepared), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return run_dir
 
 
 def test_run_directory_has_config_checkpoints_metrics_and_tensorboard(full_run):
@@ -64,23 +53,10 @@ def test_run_directory_has_config_checkpoints_metrics_and_tensorboard(full_run):
     assert any((tb / "hparams").iterdir())  # the hparams plugin's run
 
 
-def test_resume_after_kill_reaches_same_step_with_identical_weights(full_run, ml100k_prepared, tmp_path):
-    run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(train_command(run_dir, ml100k_prepared), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoints" / "step-10").is_dir():
-        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoints"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    interrupted_at = latest_checkpoint(run_dir / "checkpoints")
-    assert interrupted_at is not None and interrupted_at.name != f"step-{STEPS}", "the kill came too late"
-
-    resumed = subprocess.run(train_command(run_dir, ml100k_prepared), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-5000:]
-    assert "resumed from" in resumed.stderr
-
+def test_resume_after_kill_reaches_same_step_with_identical_weights(full_run, resumed_run):
+    run_dir, interrupted_at, log = resumed_run
+    assert interrupted_at.name != f"step-{STEPS}", "the kill came too late"
+    assert "resumed from" in log
     final, reference = run_dir / "checkpoints" / f"step-{STEPS}", full_run / "checkpoints" / f"step-{STEPS}"
     assert json.loads((final / "trainer_state.json").read_text()) == json.loads(
         (reference / "trainer_state.json").read_text()

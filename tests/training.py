@@ -39,3 +39,11 @@ def scalar_steps(tb_dir: Path, tag: str) -> list[int]:
     events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
     events.Reload()
     return [event.step for event in events.Scalars(tag)]
+
+
+def trec_command(nproc: int, *args: str) -> list[str]:
+    """``python -m trec ARGS`` under torchrun with ``nproc`` ranks (1: a plain process)."""
+    if nproc == 1:
+        return [sys.executable, "-m", "trec", *map(str, args)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*launcher, "-m", "trec", *map(str, args)]

@@ -17,6 +17,8 @@ import contextlib
 import logging
 import os
 import random
+import re
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterator
@@ -76,8 +78,20 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(value)
 
 
+# Deprecation notices of the pinned stack that say nothing actionable to a trec user.
+_QUIET_WARNINGS = (
+    "HeuristicalStorageReservation is known to cause issues",  # we pass dense_tensor_estimate
+    "`broadcast_buffers` is deprecated",  # raised inside DistributedModelParallel
+    "Please use DTensor instead and we are deprecating ShardedTensor",  # torchrec's state dicts
+)
+
+
 def configure_logging(rank: int, level: str = "INFO") -> None:
     """Rank 0 logs at ``level``; the other ranks only log warnings and errors."""
+    for message in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=f".*{re.escape(message)}")
+    # torch.fx warns on every traced call of a sharded module (torchrec checks is_fx_tracing).
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     logging.basicConfig(
         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",

@@ -106,6 +106,58 @@ def score_topk(scores: torch.Tensor, exclude_keys: torch.Tensor | None, k: int) 
     return scores.topk(k, dim=1).indices
 
 
+# A ranker turns U X D user embeddings into U X k item indices (-1 where it has fewer than k),
+# never returning an excluded key ``row * num_items + item`` of those U rows.
+Ranker = Callable[[torch.Tensor, "torch.Tensor | None", int], torch.Tensor]
+
+
+def exact_ranker(item_table: torch.Tensor) -> Ranker:
+    """Brute-force inner product against the whole ``I X D`` catalog."""
+    return lambda users, excluded, k: score_topk(users @ item_table.T, excluded, k)
+
+
+def popularity_ranker(item_counts: torch.Tensor) -> Ranker:
+    """The baseline: items by training count, whoever the user is."""
+    return lambda users, excluded, k: score_topk(item_counts.expand(users.shape[0], -1), excluded, k)
+
+
+def index_ranker(index, num_items: int) -> Ranker:
+    """Search a :class:`trec.export.ShardedIndex`, over-fetching by the rows' excluded counts."""
+
+    def rank(users: torch.Tensor, excluded: torch.Tensor | None, k: int) -> torch.Tensor:
+        rows = torch.arange(users.shape[0], device=users.device)[:, None]
+        extra = 0 if excluded is None else int(torch.bincount(excluded // num_items).max().item()) if excluded.numel() else 0
+        found = torch.as_tensor(index.search(users.float().cpu().numpy(), k + extra).item_indices, device=users.device)
+        dropped = found < 0
+        if excluded is not None and excluded.numel():
+            dropped |= torch.isin(rows * num_items + found, excluded)
+        # Stable sort moves the kept results first, in the index's order.
+        order = torch.sort(dropped.to(torch.int8), dim=1, stable=True).indices[:, :k]
+        return torch.where(torch.gather(dropped, 1, order), -1, torch.gather(found, 1, order))
+
+    return rank
+
+
+class AnnRecall:
+    """Mean overlap of an index's top-K with exact search's top-K (no exclusions), per cut-off."""
+
+    def __init__(self, ks: Sequence[int], device: torch.device) -> None:
+        self.ks = sorted(set(ks))
+        self.sums = torch.zeros(len(self.ks) + 1, dtype=torch.float64, device=device)
+
+    def add(self, approximate: torch.Tensor, exact: torch.Tensor) -> None:
+        for i, k in enumerate(self.ks):
+            same = (approximate[:, :k, None] == exact[:, None, :k]).any(dim=2)
+            self.sums[i] += same.double().sum() / k
+        self.sums[-1] += approximate.shape[0]
+
+    def compute(self) -> dict[str, float]:
+        sums = self.sums.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+        return {f"ann_recall@{k}": (sums[i] / sums[-1].clamp_min(1)).item() for i, k in enumerate(self.ks)}
+
+
 @torch.no_grad()
 def evaluate_retrieval(
     user_encoder: Callable[[RecBatch], torch.Tensor],
@@ -117,6 +169,7 @@ def evaluate_retrieval(
     data_cfg: DataConfig,
     ctx: DistContext,
     seed: int = 0,
+    index=None,
 ) -> dict[str, float]:
     """Top-K metrics of the model (and the popularity baseline) on ``split``.
 
@@ -124,14 +177,24 @@ def evaluate_retrieval(
         user_encoder: batch → ``R X D`` user embeddings (the user tower).
         item_table: ``I X D`` item embeddings (see :func:`encode_all_items`).
         exclude_splits: splits whose items are never recommended to their user (e.g. train).
+        index: a :class:`trec.export.ShardedIndex` of the same item embeddings: its top-K are
+            scored too (``index/...`` keys) with its recall against exact search
+            (``index/ann_recall@K``).
+    Returns:
+        flat keys: ``ndcg@10`` ... for exact search, ``popularity/ndcg@10`` ..., ``index/...``.
     """
     num_items = dataset.num_items
     max_k = min(max(cfg.ks), num_items)
     users, (truth_offsets, truth_items) = evaluated_users(dataset, split, cfg.max_users, seed)
     exclusions = dataset.user_items(list(exclude_splits)) if cfg.exclude_train and exclude_splits else None
-    popularity = torch.as_tensor(dataset.item_counts, dtype=torch.float32, device=ctx.device)
-    model_acc = RankingAccumulator(cfg.ks, num_items, ctx.device)
-    baseline_acc = RankingAccumulator(cfg.ks, num_items, ctx.device)
+    rankers = {"": exact_ranker(item_table)}
+    if cfg.popularity_baseline:
+        rankers["popularity/"] = popularity_ranker(torch.as_tensor(dataset.item_counts, dtype=torch.float32,
+                                                                   device=ctx.device))
+    if index is not None:
+        rankers["index/"] = index_ranker(index, num_items)
+        ann = AnnRecall(cfg.ks, ctx.device)
+    accumulators = {prefix: RankingAccumulator(cfg.ks, num_items, ctx.device) for prefix in rankers}
     for selected, batch in entity_batches(dataset, users, "user", data_cfg.eval_batch_size, ctx, data_cfg.history_max_len):
         real = selected >= 0
         embeddings = user_encoder(batch)[torch.as_tensor(real, device=ctx.device)]
@@ -139,19 +202,21 @@ def evaluate_retrieval(
         chunk = max(1, _SCORE_CHUNK_ELEMENTS // max(num_items, 1))
         for start in range(0, len(batch_users), chunk):
             rows = batch_users[start : start + chunk]
-            truth_pos, truth_val = csr_pairs(truth_offsets, truth_items, rows)
-            relevant = _keys(truth_pos, truth_val, num_items, ctx.device)
+            queries = embeddings[start : start + chunk]
+            relevant = _keys(*csr_pairs(truth_offsets, truth_items, rows), num_items, ctx.device)
             num_relevant = torch.as_tensor(np.diff(truth_offsets)[rows], device=ctx.device)
             excluded = None
             if exclusions is not None:
                 excluded = _keys(*csr_pairs(exclusions[0], exclusions[1], rows), num_items, ctx.device)
-            model_top = score_topk(embeddings[start : start + chunk] @ item_table.T, excluded, max_k)
-            model_acc.add(model_top, topk_hits(model_top, relevant, num_items), num_relevant, item_table)
-            if cfg.popularity_baseline:
-                baseline_top = score_topk(popularity.expand(len(rows), -1), excluded, max_k)
-                baseline_acc.add(baseline_top, topk_hits(baseline_top, relevant, num_items), num_relevant, item_table)
-    metrics = model_acc.compute()
-    if cfg.popularity_baseline:
-        metrics.update({f"popularity/{name}": value for name, value in baseline_acc.compute().items() if name != "users"})
+            for prefix, ranker in rankers.items():
+                top = ranker(queries, excluded, max_k)
+                accumulators[prefix].add(top, topk_hits(top, relevant, num_items), num_relevant, item_table)
+            if index is not None:
+                ann.add(rankers["index/"](queries, None, max_k), rankers[""](queries, None, max_k))
+    metrics = {}
+    for prefix, accumulator in accumulators.items():
+        metrics.update({prefix + name: value for name, value in accumulator.compute().items()
+                        if not (prefix and name == "users")})
+    if index is not None:
+        metrics.update({f"index/{name}": value for name, value in ann.compute().items()})
     return metrics
-

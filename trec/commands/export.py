@@ -1,16 +1,43 @@
-"""`trec export`: export embeddings into a sharded FAISS index."""
+"""`trec export`: encode a trained two-tower run's items (and users) into a sharded FAISS index."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from trec.errors import TrecError
+from trec.commands import add_run_dir_flag
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("export", help="export embeddings into a sharded FAISS index")
+    parser = subparsers.add_parser(
+        "export",
+        help="export embeddings into a sharded FAISS index",
+        description="Load the run's best (or newest) checkpoint into the sharded model (any world size); each "
+        "rank encodes a disjoint slice of the catalog with the item tower; the vectors go to "
+        "OUT/embeddings/ and a sharded FAISS index to OUT/index/, with OUT/manifest.json. Index options are "
+        "the config's export section, e.g. --set export.index=ivf_flat --set export.nlist=256. Run it under "
+        "torchrun/torchx for several ranks.",
+    )
+    add_run_dir_flag(parser)
+    parser.add_argument("--out", required=True, metavar="DIR", help="export directory (written atomically)")
+    parser.add_argument("--users", action="store_true", help="also export user embeddings (users-part-R.parquet)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value of the run's config, e.g. --set export.index=hnsw")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise TrecError("'trec export' is reserved and not implemented yet (issue 6)")
+    from trec.distributed import distributed_session
+    from trec.export.encode import export_run
+    from trec.runs import load_trained_run, run_config
+
+    cfg = run_config(Path(args.run_dir), args.set_overrides)
+    with distributed_session(cfg.training.seed, cfg.training.device, cfg.logging.level) as ctx:
+        loaded = load_trained_run(Path(args.run_dir), ctx, args.set_overrides)
+        manifest = export_run(loaded, Path(args.out), ctx, users=args.users or cfg.export.users,
+                              overwrite=args.overwrite)
+        if ctx.is_main:
+            print(f"exported {manifest['num_vectors']:,} items ({manifest['dimension']}-d, {manifest['factory']}, "
+                  f"{manifest['num_shards']} shards) from {loaded.checkpoint} to {args.out}")
+    return 0

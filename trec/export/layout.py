@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -41,6 +42,13 @@ def shard_files_present(root: Path) -> list[str]:
     return sorted(f"{INDEX_DIR}/{p.name}" for p in index_dir.iterdir() if _SHARD_RE.match(p.name))
 
 
+def _discard_interrupted(out_dir: Path) -> None:
+    """Remove ``.OUT.*.tmp`` directories left by an export that died before its rename."""
+    if out_dir.parent.is_dir():
+        for stale in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def export_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Collective: every rank enters; all write into one temporary directory that appears as ``out_dir`` at the end.
@@ -54,7 +62,10 @@ def export_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
 
         with export_directory(args.out) as tmp:
             write_embedding_part(part_path(tmp / "embeddings", "items", rank), raw_ids, indices, vectors)
-            build_sharded_index(tmp / "embeddings", tmp, cfg.export, normalized=True, source={...})
+            build_sharded_index(tmp, cfg.export, normalized=True, source={...})
+
+    A restarted export (after a crash or a torchrun restart) starts clean: rank 0 first deletes
+    the temporary directories an interrupted attempt left beside ``out_dir``, so attempts never mix.
     """
     rank, _ = group_rank_world()
     out_dir = Path(out_dir)
@@ -70,6 +81,7 @@ def export_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
         message = f"{out_dir}: already exists; choose another output directory or allow overwriting it"
         broadcast_bytes(f"error:{message}".encode())
         raise TrecError(message)
+    _discard_interrupted(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         (tmp / EMBEDDINGS_DIR).mkdir()
         (tmp / INDEX_DIR).mkdir()

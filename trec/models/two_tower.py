@@ -157,11 +157,17 @@ def build_two_tower_task(cfg: ModelConfig, dataset: PreparedDataset) -> Retrieva
 
 
 
-def evaluate_two_tower(task: RetrievalTask, dataset: PreparedDataset, split: str, exclude_splits, cfg, ctx) -> dict[str, float]:
-    """Full-catalog top-K retrieval metrics of the (unwrapped, sharded) task on ``split``."""
+def evaluate_two_tower(task: RetrievalTask, dataset: PreparedDataset, split: str, exclude_splits, cfg, ctx,
+                       index=None) -> dict[str, float]:
+    """Full-catalog top-K retrieval metrics of the (unwrapped, sharded) task on ``split``.
+
+    With ``index`` (a trec.export.ShardedIndex of this run's items) the same users are also
+    ranked through the index (``index/...`` keys, and its ANN recall against exact search).
+    """
     from trec.evaluation import encode_all_items, evaluate_retrieval
 
     items = encode_all_items(task.model.item_embeddings, dataset, cfg.data.eval_batch_size, ctx, cfg.data.history_max_len)
     return evaluate_retrieval(
-        task.model.user_embeddings, items, dataset, split, exclude_splits, cfg.evaluation, cfg.data, ctx, cfg.training.seed
+        task.model.user_embeddings, items, dataset, split, exclude_splits, cfg.evaluation, cfg.data, ctx,
+        cfg.training.seed, index=index,
     )

@@ -1,0 +1,97 @@
+"""The model side of `trec export`: each rank encodes its slice of the catalog with the item tower.
+
+Tables stay model-parallel (every rank takes part in every lookup, through DMP) while the
+catalog is split data-parallel: rank r encodes a disjoint slice of the item indices and writes
+``embeddings/items-part-r.parquet`` itself, so no table and no full embedding matrix is ever
+gathered on one rank. The parts then feed :func:`trec.export.build_sharded_index`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trec import __version__
+from trec.errors import TrecError
+from trec.export.build import build_sharded_index
+from trec.export.layout import EMBEDDINGS_DIR, export_directory
+from trec.export.parts import EmbeddingPartWriter, part_path
+
+logger = logging.getLogger("trec")
+
+_ENTITY = {"items": ("item", "item_id"), "users": ("user", "user_id")}
+
+
+def raw_ids_of(dataset, feature: str) -> np.ndarray:
+    """index → raw ID; a hash-mapped feature has no way back, so its indices stand in."""
+    try:
+        return dataset.raw_ids(feature)
+    except TrecError:
+        return np.arange(dataset.feature(feature).cardinality, dtype=np.int64)
+
+
+@torch.no_grad()
+def write_part(directory: Path, kind: str, encode: Callable, dataset, ctx, batch_size: int,
+               history_max_len: int) -> int:
+    """Encode this rank's slice of all users or items into ``directory/KIND-part-RANK.parquet``.
+
+    Returns the rows this rank wrote; logs the throughput (rows encoded per second, all ranks).
+    """
+    from trec.evaluation import entity_batches
+
+    entity, feature = _ENTITY[kind]
+    count = dataset.num_items if entity == "item" else dataset.num_users
+    raw = raw_ids_of(dataset, feature)
+    written, started = 0, time.perf_counter()
+    batches = entity_batches(dataset, np.arange(count, dtype=np.int64), entity, batch_size, ctx, history_max_len)
+    progress = tqdm(total=count, disable=not ctx.is_main, desc=f"encode {kind}", unit=kind[:-1], mininterval=5.0)
+    writer = None
+    with progress:
+        for selected, batch in batches:
+            vectors = encode(batch)
+            real = selected >= 0
+            if writer is None:
+                writer = EmbeddingPartWriter(part_path(directory, kind, ctx.rank), dimension=vectors.shape[1])
+            writer.write(raw[selected[real]], selected[real], vectors[torch.as_tensor(real)].float().cpu().numpy())
+            written += int(real.sum())
+            progress.update(int(real.sum()) * ctx.world_size)
+    if writer is not None:
+        writer.close()
+    seconds = time.perf_counter() - started
+    logger.info("export: encoded %d %s on %d ranks in %.1f s (%.0f %s/s)", count, kind, ctx.world_size, seconds,
+                count / max(seconds, 1e-9), kind)
+    return written
+
+
+def export_run(loaded, out: Path, ctx, users: bool = False, overwrite: bool = False) -> dict:
+    """Export a trained two-tower run into ``out`` (collective); returns the manifest."""
+    from trec.runs import two_tower_of
+
+    model = two_tower_of(loaded)
+    cfg = loaded.cfg
+    state_file = loaded.checkpoint / "trainer_state.json"
+    source = {
+        "run_dir": str(loaded.run.root.resolve()),
+        "checkpoint": str(loaded.checkpoint.resolve()),
+        "step": json.loads(state_file.read_text())["step"] if state_file.is_file() else None,
+        "config": str(loaded.run.config.resolve()),
+        "dataset": cfg.data.path,
+        "trec_version": __version__,
+    }
+    with export_directory(out, overwrite=overwrite) as tmp:
+        parts = tmp / EMBEDDINGS_DIR
+        write_part(parts, "items", model.item_embeddings, loaded.dataset, ctx, cfg.data.eval_batch_size,
+                   cfg.data.history_max_len)
+        if users:
+            write_part(parts, "users", model.user_embeddings, loaded.dataset, ctx, cfg.data.eval_batch_size,
+                       cfg.data.history_max_len)
+        device = "cuda" if ctx.device.type == "cuda" else "cpu"
+        return build_sharded_index(tmp, cfg.export, normalized=cfg.model.two_tower.normalize, source=source,
+                                   device=device)
