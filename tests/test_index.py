@@ -371,9 +371,9 @@ def test_recall_at_k():
 def test_bench_index_prints_table_and_writes_json(run_trec, tmp_path, built_export):
     small = ["--queries", "200", "--repeat", "1", "--threads", "1", "--pq-m", "4", "--pq-nbits", "6", "--hnsw-m", "8"]
     proc = run_trec("bench", "index", "--items", "3000", "--dim", "16", "--clusters", "20", *small,
-                    "--json", tmp_path / "bench.json")
+                    "--export-items", "2000", "--cache", tmp_path / "cache", "--json", tmp_path / "bench.json")
     assert "vectors: clustered synthetic: 3,000 unit vectors, D=16" in proc.stdout
-    assert "export throughput (items encoded/s): n/a" in proc.stdout
+    assert "export throughput (items encoded/s): " in proc.stdout and "over 2,000 items" in proc.stdout
     figures = json.loads((tmp_path / "bench.json").read_text())
     kinds = [r["kind"] for r in figures["rows"]]
     assert kinds[0] == "flat (exact)" and figures["rows"][0]["speedup"] == 1.0
@@ -381,7 +381,9 @@ def test_bench_index_prints_table_and_writes_json(run_trec, tmp_path, built_expo
     assert [r["setting"] for r in figures["rows"] if r["kind"] == "ivf_flat"] == [
         f"nprobe={n}" for n in (1, 4, 8, 16, 32, 64)]
     assert all(0.0 <= r["recall"] <= 1.0 and r["qps"] > 0 for r in figures["rows"])
-    assert figures["export_throughput"] is None and figures["num_items"] == 3000
+    assert figures["export_throughput"]["items"] == 2000 and figures["export_throughput"]["items_per_s"] > 0
+    assert figures["num_items"] == 3000
 
-    proc = run_trec("bench", "index", "--embeddings", built_export, "--kinds", "ivf_flat", *small)
+    proc = run_trec("bench", "index", "--embeddings", built_export, "--kinds", "ivf_flat", "--export-items", "0", *small)
+    assert "export throughput (items encoded/s): skipped" in proc.stdout
     assert f"exported vectors from {built_export / 'embeddings'}: 3,000 items, D={D}" in proc.stdout

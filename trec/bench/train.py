@@ -30,11 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
-from torchrec import KeyedJaggedTensor, KeyedTensor
-
 from trec.config import TrecConfig, load_config
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synthetic_large_two_tower.yaml"
@@ -67,13 +62,14 @@ def bench_config(batch_size: int, dim: int) -> TrecConfig:
                                 "optimizer.warmup_steps=0", "optimizer.decay=none"])
 
 
-def dataset_dir(args: argparse.Namespace) -> Path:
-    """--data, or a synthetic dataset whose hashed ID tables add up to --rows (prepared once)."""
-    if args.data:
-        return Path(args.data)
-    buckets = args.rows // 3
-    cache = Path(args.cache) / f"{args.interactions}-{buckets}"
-    if not (cache / "manifest.json").is_file():
+def synthetic_hashed_dataset(cache: Path, buckets: int, interactions: int) -> Path:
+    """A synthetic dataset whose user_id, item_id and user_history tables have ``buckets`` rows each.
+
+    Hashing the IDs fixes the table sizes whatever the interaction count; prepared once under
+    ``cache`` and reused.
+    """
+    out = Path(cache) / f"{interactions}-{buckets}"
+    if not (out / "manifest.json").is_file():
         from data_pipeline.prepare import prepare_dataset
         from data_pipeline.sources.synthetic import SyntheticSource
         from trec.config import IdMapping, PrepareConfig
@@ -81,12 +77,19 @@ def dataset_dir(args: argparse.Namespace) -> Path:
         options = PrepareConfig(seed=0, id_mapping=IdMapping.hash, hash_buckets=buckets, history_max_len=20,
                                 test_fraction=0.05)
         options.synthetic.users, options.synthetic.items = buckets, buckets
-        options.synthetic.interactions = args.interactions
-        print(f"preparing a synthetic dataset ({args.interactions:,} interactions, {buckets:,} hash buckets "
-              f"per ID table) in {cache} (reused next time)", flush=True)
-        prepare_dataset(SyntheticSource(options.synthetic, options.seed, options.rows_per_shard), cache, options,
+        options.synthetic.interactions = interactions
+        print(f"preparing a synthetic dataset ({interactions:,} interactions, {buckets:,} hash buckets "
+              f"per ID table) in {out} (reused next time)", flush=True)
+        prepare_dataset(SyntheticSource(options.synthetic, options.seed, options.rows_per_shard), out, options,
                         overwrite=True)
-    return cache
+    return out
+
+
+def dataset_dir(args: argparse.Namespace) -> Path:
+    """--data, or a synthetic dataset whose hashed ID tables add up to --rows."""
+    if args.data:
+        return Path(args.data)
+    return synthetic_hashed_dataset(Path(args.cache), args.rows // 3, args.interactions)
 
 
 def prebuilt_batches(dataset, cfg: TrecConfig, count: int, rank: int, world_size: int, augment) -> list:
@@ -104,59 +107,13 @@ def prebuilt_batches(dataset, cfg: TrecConfig, count: int, rank: int, world_size
     return batches
 
 
-class PlainEmbeddingBags(nn.Module):
-    """A drop-in for an EmbeddingBagCollection made of plain PyTorch modules (the baselines).
-
-    ``sparse=True``: ``nn.EmbeddingBag(sparse=True)`` (sparse gradients, for SparseAdam);
-    ``sparse=False``: ``nn.Embedding`` with a dense gradient and pooling by ``index_add``.
-    forward(KJT) → KeyedTensor of R X (sum of widths), like the EBC it replaces.
-    """
-
-    def __init__(self, tables, sparse: bool) -> None:
-        super().__init__()
-        self.names = [table.feature_names[0] for table in tables]
-        self.dims = [table.embedding_dim for table in tables]
-        self.means = [table.pooling.value == "MEAN" for table in tables]
-        self.sparse = sparse
-        if sparse:
-            self.tables = nn.ModuleList(
-                nn.EmbeddingBag(t.num_embeddings, t.embedding_dim, mode="mean" if mean else "sum", sparse=True)
-                for t, mean in zip(tables, self.means))
-        else:
-            self.tables = nn.ModuleList(nn.Embedding(t.num_embeddings, t.embedding_dim) for t in tables)
-
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        pooled = []
-        for name, table, mean in zip(self.names, self.tables, self.means):
-            jagged = features[name]
-            if self.sparse:
-                pooled.append(table(jagged.values(), jagged.offsets()[:-1]))
-                continue
-            lengths = jagged.lengths()
-            rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-            out = torch.zeros(len(lengths), table.embedding_dim).index_add_(0, rows, table(jagged.values()))
-            pooled.append(out / lengths.clamp_min(1)[:, None] if mean else out)
-        return KeyedTensor(keys=self.names, length_per_key=self.dims, values=torch.cat(pooled, dim=1))
-
-
-def baseline_task(cfg: TrecConfig, dataset, sparse: bool) -> nn.Module:
-    """trec's two-tower task with its EBCs swapped for plain PyTorch embeddings."""
-    from trec.models.two_tower import build_two_tower_task
-
-    task = build_two_tower_task(cfg.model, dataset)
-    for tower in (task.model.user_tower, task.model.item_tower):
-        tables = tower.ebc.embedding_bag_configs()
-        tower.ebc = PlainEmbeddingBags(tables, sparse)
-    return task
-
-
 # --------------------------------------------------------------------------------------------
 # timing
 # --------------------------------------------------------------------------------------------
 
 
 def _lookups(batches) -> float:
-    return float(np.mean([batch.sparse_features.values().numel() for batch in batches]))
+    return sum(batch.sparse_features.values().numel() for batch in batches) / max(len(batches), 1)
 
 
 def time_steps(step, batches, warmup: int, sync=lambda: None) -> float:
@@ -191,13 +148,10 @@ def trec_seconds_per_step(cfg: TrecConfig, dataset, ctx, batches, warmup: int) -
 
 
 def baseline_seconds_per_step(cfg: TrecConfig, dataset, batches, warmup: int, sparse: bool) -> float:
+    from trec.bench.baselines import baseline_optimizers, baseline_task
+
     task = baseline_task(cfg, dataset, sparse)
-    tables = [p for name, p in task.named_parameters() if ".ebc." in name]
-    others = [p for name, p in task.named_parameters() if ".ebc." not in name]
-    if sparse:
-        optimizers = [torch.optim.SparseAdam(tables, lr=1e-3), torch.optim.Adam(others, lr=1e-3)]
-    else:
-        optimizers = [torch.optim.Adam(tables + others, lr=1e-3)]
+    optimizers = baseline_optimizers(task, sparse)
 
     def step(batch) -> None:
         loss, _ = task(batch)
@@ -207,13 +161,15 @@ def baseline_seconds_per_step(cfg: TrecConfig, dataset, batches, warmup: int, sp
             optimizer.zero_grad(set_to_none=True)
 
     seconds = time_steps(step, batches, warmup)
-    del task, optimizers, tables, others
+    del task, optimizers
     gc.collect()
     return seconds
 
 
 def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     """Bytes/s of a large tensor copy (read + write), the memory-bandwidth yardstick."""
+    import torch
+
     source = torch.ones(megabytes * (1 << 20) // 4)
     target = torch.empty_like(source)
     target.copy_(source)
@@ -310,6 +266,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(results: dict, args, bandwidth: float, rows: int) -> dict:
+    import torch
+
     sparse = results["baseline (a): EmbeddingBag(sparse) + SparseAdam"]
     dense = results["baseline (b): dense Embedding + Adam"]
     lines = [f"{'':<48}{'samples/s':>12}{'vs (a)':>9}{'vs (b)':>9}{'emb GB/s':>10}"]

@@ -20,44 +20,26 @@ Search::
     recall = recall_at_k(item_indices, index.exact_search(queries, 10).item_indices)
 """
 
-from trec.export.build import SHARDING_RULE, build_sharded_index, shard_of, shards_of_rank
-from trec.export.exact import exact_topk, recall_at_k
-from trec.export.kinds import IndexSpec, add_vectors, index_spec, new_index, set_search_params, train_template
-from trec.export.layout import export_directory, shard_file
-from trec.export.manifest import read_manifest, verify_export
-from trec.export.parts import (
-    EmbeddingPartWriter,
-    iter_embedding_batches,
-    part_path,
-    part_paths,
-    read_embedding_parts,
-    write_embedding_part,
-)
-from trec.export.search import SearchResult, ShardedIndex
+import importlib
 
-__all__ = [
-    "SHARDING_RULE",
-    "EmbeddingPartWriter",
-    "IndexSpec",
-    "SearchResult",
-    "ShardedIndex",
-    "add_vectors",
-    "build_sharded_index",
-    "exact_topk",
-    "export_directory",
-    "index_spec",
-    "iter_embedding_batches",
-    "new_index",
-    "part_path",
-    "part_paths",
-    "read_embedding_parts",
-    "read_manifest",
-    "recall_at_k",
-    "set_search_params",
-    "shard_file",
-    "shard_of",
-    "shards_of_rank",
-    "train_template",
-    "verify_export",
-    "write_embedding_part",
-]
+# name → submodule. Resolved on first use (PEP 562), so that importing one light submodule (or
+# building the CLI parser) does not import torch through the distributed builder.
+_EXPORTS = {
+    "SHARDING_RULE": "build", "build_sharded_index": "build", "shard_of": "build", "shards_of_rank": "build",
+    "exact_topk": "exact", "recall_at_k": "exact",
+    "IndexSpec": "kinds", "add_vectors": "kinds", "index_spec": "kinds", "new_index": "kinds",
+    "set_search_params": "kinds", "train_template": "kinds",
+    "export_directory": "layout", "shard_file": "layout",
+    "read_manifest": "manifest", "verify_export": "manifest",
+    "EmbeddingPartWriter": "parts", "iter_embedding_batches": "parts", "part_path": "parts", "part_paths": "parts",
+    "read_embedding_parts": "parts", "write_embedding_part": "parts",
+    "SearchResult": "search", "ShardedIndex": "search",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'trec.export' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"trec.export.{_EXPORTS[name]}"), name)
