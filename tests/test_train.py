@@ -108,3 +108,23 @@ def test_half_written_checkpoints_are_never_picked(full_run, ml100k_prepared, tm
     assert f"resumed from {checkpoints / 'step-40'}" in proc.stderr
     assert not (checkpoints / ".step-45.tmp").exists()  # the interrupted save was cleaned up
     assert latest_checkpoint(checkpoints).name == "step-45"
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.two_tower.loss.negatives=hard", "model.two_tower.loss.num_hard_negatives=8"],
+    ["model.two_tower.loss.negatives=mixed"],
+    ["model.two_tower.loss.negatives=popular"],
+    ["model.two_tower.loss.negatives=none"],
+    ["model.two_tower.loss.kind=bce", "model.two_tower.learn_temperature=true"],
+    ["training.pipeline=plain"],
+], ids=["hard", "mixed", "popular", "in-batch", "bce", "plain-pipeline"])
+def test_every_loss_and_negative_strategy_trains(ml100k_prepared, tmp_path, overrides):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        train_command(run_dir, ml100k_prepared, "training.max_steps=6", "checkpoint.every_steps=0",
+                      "evaluation.max_users=50", "logging.projector_items=0", *overrides, nproc=1),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["step"] == 6 and 0.0 <= metrics["ndcg@10"] <= 1.0

@@ -57,18 +57,16 @@ def scaled_logits(user, candidates, inverse_temperature, log_q: torch.Tensor | N
 
 
 def keep_hardest(logits: torch.Tensor, num_positives: int, num_hard: int) -> torch.Tensor:
-    """Keep the B in-batch columns and, of the extra columns, each row's ``num_hard`` highest.
+    """Keep the B in-batch columns and, of the N extra columns, each row's ``num_hard`` highest.
 
     Args:
-        logits: (B, B + N) scores with hits already masked.
+        logits: (B, B + N) scores with hits already masked; ``1 <= num_hard <= N``, decided by
+            the caller from its config (no branching on shapes here: the model's forward must
+            stay fx-traceable for the sparse-dist pipeline).
     Returns:
-        (B, B + min(num_hard, N)) logits; column i is still row i's positive.
+        (B, B + num_hard) logits; column i is still row i's positive.
     """
-    extra = logits[:, num_positives:]
-    k = min(num_hard, extra.shape[1])
-    if k <= 0:
-        return logits[:, :num_positives]
-    hardest = extra.topk(k, dim=1).values
+    hardest = logits[:, num_positives:].topk(num_hard, dim=1).values
     return torch.cat([logits[:, :num_positives], hardest], dim=1)
 
 

@@ -146,7 +146,9 @@ class RetrievalTask(nn.Module):
         log_q = None
         if cfg.logq_correction:
             log_q = candidate_log_q(candidate_items, self.item_probability, self.extra_probability, num_positives)
-        num_hard = cfg.num_hard_negatives if cfg.negatives == NegativeStrategy.hard else None
+        num_hard = None
+        if cfg.negatives == NegativeStrategy.hard and cfg.num_negatives > 0:
+            num_hard = max(1, min(cfg.num_hard_negatives, cfg.num_negatives))
         return sampled_softmax_loss(
             user, candidates, candidate_items, self.inverse_temperature, log_q, cfg.mask_accidental_hits, num_hard
         )
