@@ -1,5 +1,5 @@
 # trec: the two README commands are `make quickstart` and `make test`; both set up .venv first.
-# Versions are pinned once, in requirements/ (lock.txt + cpu.txt or gpu.txt), and installed with
+# Versions are pinned once, in requirements/ (lock.txt + cpu.txt or gpu.txt, + dev.txt for tests), installed with
 # --no-deps so that torchrec never drags in the CUDA build of fbgemm-gpu on a CPU machine.
 
 PYTHON ?= python3
@@ -29,8 +29,8 @@ setup: $(CPU_STAMP)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(CPU_STAMP): $(BIN)/python $(REQS) requirements/cpu.txt
-	$(PIP) install -q $(PIP_EXTRA) --no-deps -r requirements/lock.txt -r requirements/cpu.txt
+$(CPU_STAMP): $(BIN)/python $(REQS) requirements/cpu.txt requirements/dev.txt
+	$(PIP) install -q $(PIP_EXTRA) --no-deps -r requirements/lock.txt -r requirements/cpu.txt -r requirements/dev.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	$(BIN)/trec env --brief
 	@touch $@
@@ -39,10 +39,10 @@ $(CPU_STAMP): $(BIN)/python $(REQS) requirements/cpu.txt
 # (resolved with their NVIDIA runtime wheels), then the rest of the lock as on CPU.
 setup-gpu: $(GPU_STAMP)
 
-$(GPU_STAMP): $(BIN)/python $(REQS) requirements/gpu.txt
+$(GPU_STAMP): $(BIN)/python $(REQS) requirements/gpu.txt requirements/dev.txt
 	$(PIP) uninstall -q -y fbgemm-gpu-cpu faiss-cpu || true
 	$(PIP) install -q -c requirements/lock.txt torch==2.13.0 -r requirements/gpu.txt
-	$(PIP) install -q --no-deps -r requirements/lock.txt
+	$(PIP) install -q --no-deps -r requirements/lock.txt -r requirements/dev.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	$(BIN)/trec env --brief
 	@touch $@
