@@ -64,8 +64,8 @@ quickstart: setup $(QS_DATA)/manifest.json
 	torchx run -s local_cwd ./launchers/components.py:train -j 1x$(NPROC) -- \
 	  --config configs/movielens_two_tower.yaml --data $(QS_DATA) --run-dir $(QS_RUN)
 	torchx run -s local_cwd ./launchers/components.py:export -j 1x$(NPROC) -- \
-	  --run-dir $(QS_RUN) --out $(QS_EXPORT) --overwrite
-	$(BIN)/trec evaluate --run-dir $(QS_RUN) --index $(QS_EXPORT)
+	  --run-dir $(QS_RUN) --out $(QS_EXPORT) --overwrite --set export.index=ivf_flat
+	$(BIN)/trec evaluate --run-dir $(QS_RUN) --index $(QS_EXPORT) --nprobe 8
 	$(BIN)/trec search --index $(QS_EXPORT) --run-dir $(QS_RUN) --user 1 -k 10
 
 $(QS)/data/ml100k/manifest.json:
