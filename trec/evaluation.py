@@ -121,21 +121,32 @@ def popularity_ranker(item_counts: torch.Tensor) -> Ranker:
     return lambda users, excluded, k: score_topk(item_counts.expand(users.shape[0], -1), excluded, k)
 
 
+def search_excluding(index, queries: torch.Tensor, excluded: torch.Tensor | None, k: int,
+                     num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of a :class:`trec.export.ShardedIndex` for U X D queries, never an excluded key.
+
+    ``excluded`` holds sorted keys ``row * num_items + item``; the index is asked for k plus the
+    largest excluded count of a row, so k results remain after filtering.
+    Returns (U X k item indices, U X k scores), padded with -1 / -inf where fewer remain.
+    """
+    rows = torch.arange(queries.shape[0], device=queries.device)[:, None]
+    extra = int(torch.bincount(excluded // num_items).max().item()) if excluded is not None and excluded.numel() else 0
+    found = index.search(queries.float().cpu().numpy(), k + extra)
+    items = torch.as_tensor(found.item_indices, device=queries.device)
+    scores = torch.as_tensor(found.scores, device=queries.device)
+    dropped = items < 0
+    if extra:
+        dropped |= torch.isin(rows * num_items + items, excluded)
+    # A stable sort moves the kept results first, in the index's order.
+    order = torch.sort(dropped.to(torch.int8), dim=1, stable=True).indices[:, :k]
+    missing = torch.gather(dropped, 1, order)
+    return (torch.gather(items, 1, order).masked_fill(missing, -1),
+            torch.gather(scores, 1, order).masked_fill(missing, -torch.inf))
+
+
 def index_ranker(index, num_items: int) -> Ranker:
-    """Search a :class:`trec.export.ShardedIndex`, over-fetching by the rows' excluded counts."""
-
-    def rank(users: torch.Tensor, excluded: torch.Tensor | None, k: int) -> torch.Tensor:
-        rows = torch.arange(users.shape[0], device=users.device)[:, None]
-        extra = 0 if excluded is None else int(torch.bincount(excluded // num_items).max().item()) if excluded.numel() else 0
-        found = torch.as_tensor(index.search(users.float().cpu().numpy(), k + extra).item_indices, device=users.device)
-        dropped = found < 0
-        if excluded is not None and excluded.numel():
-            dropped |= torch.isin(rows * num_items + found, excluded)
-        # Stable sort moves the kept results first, in the index's order.
-        order = torch.sort(dropped.to(torch.int8), dim=1, stable=True).indices[:, :k]
-        return torch.where(torch.gather(dropped, 1, order), -1, torch.gather(found, 1, order))
-
-    return rank
+    """Rank through a :class:`trec.export.ShardedIndex` instead of exact search."""
+    return lambda users, excluded, k: search_excluding(index, users, excluded, k, num_items)[0]
 
 
 class AnnRecall:

@@ -16,6 +16,7 @@ single-process one.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -31,14 +32,14 @@ def topk_hits(topk_items: torch.Tensor, relevant_keys: torch.Tensor, num_items: 
     """Which recommended items are relevant.
 
     Args:
-        topk_items: U X K item indices (row u = user u's list, best first).
+        topk_items: U X K item indices (row u = user u's list, best first; -1 = no item).
         relevant_keys: sorted int64 keys ``u * num_items + item`` of every relevant (u, item).
         num_items: catalog size (the key stride).
     Returns:
         U X K bool.
     """
     rows = torch.arange(topk_items.shape[0], device=topk_items.device)[:, None]
-    return torch.isin(rows * num_items + topk_items, relevant_keys)
+    return torch.isin(rows * num_items + topk_items, relevant_keys) & (topk_items >= 0)
 
 
 def _discounts(k: int, device) -> torch.Tensor:
@@ -76,7 +77,9 @@ def intra_list_diversity(topk_items: torch.Tensor, item_embeddings: torch.Tensor
     """(U,) 1 − mean pairwise cosine similarity of each user's top-k item embeddings (I X D)."""
     if k < 2:
         return torch.zeros(topk_items.shape[0], dtype=torch.float64, device=topk_items.device)
-    vectors = torch.nn.functional.normalize(item_embeddings[topk_items[:, :k]].double(), dim=-1)
+    # A missing slot (-1, an index that returned fewer than k) counts as the list's first item.
+    listed = torch.where(topk_items[:, :k] >= 0, topk_items[:, :k], topk_items[:, :1])
+    vectors = torch.nn.functional.normalize(item_embeddings[listed].double(), dim=-1)
     similarity = vectors @ vectors.transpose(1, 2)  # U X k X k
     off_diagonal = similarity.sum(dim=(1, 2)) - similarity.diagonal(dim1=1, dim2=2).sum(dim=1)
     return 1.0 - off_diagonal / (k * (k - 1))
@@ -102,7 +105,8 @@ class RankingAccumulator:
                 self.sums[f"{name}@{k}"] += values.sum()
             if item_embeddings is not None:
                 self.sums[f"diversity@{k}"] += intra_list_diversity(topk_items, item_embeddings, k).sum()
-            self.recommended[k][topk_items[:, :k].reshape(-1)] = True
+            listed = topk_items[:, :k].reshape(-1)
+            self.recommended[k][listed[listed >= 0]] = True
 
     def compute(self) -> dict[str, float]:
         """Means over every user of every rank (collective when a process group is up)."""
@@ -116,6 +120,68 @@ class RankingAccumulator:
         for k, row in zip(self.ks, covered):
             result[f"coverage@{k}"] = row.sum().item() / self.num_items
         result["users"] = sums[0].item()
+        return result
+
+
+class ClickMetrics:
+    """Pointwise ranker metrics through ``torchrec.metrics``, aggregated over every rank.
+
+    ``auc``, ``logloss``, ``ne`` (normalised entropy) and ``calibration`` (mean predicted over
+    mean observed click rate) of the click probabilities; ``rating_mse`` of the rating head on
+    the positive rows when ``rating`` is set. Every rank gets the same values (the states are
+    gathered on ``compute``), so decisions taken on them (early stopping) agree across ranks.
+
+    Args:
+        max_rows: upper bound of the rows one rank adds (AUC keeps a window of raw predictions:
+            it must hold them all).
+    """
+
+    def __init__(self, world_size: int, rank: int, max_rows: int, rating: bool, device: torch.device) -> None:
+        from torchrec.metrics.auc import AUCMetric
+        from torchrec.metrics.calibration import CalibrationMetric
+        from torchrec.metrics.metrics_config import RecTaskInfo
+        from torchrec.metrics.mse import MSEMetric
+        from torchrec.metrics.ne import NEMetric
+
+        click = RecTaskInfo(name="click", label_name="label", prediction_name="click", weight_name="weight")
+        rating_task = RecTaskInfo(name="rating", label_name="rating", prediction_name="rating", weight_name="weight")
+        # window_size counts rows over all ranks: big enough that "window" means "everything".
+        common = dict(world_size=world_size, my_rank=rank, batch_size=1,
+                      window_size=max(max_rows, 1) * world_size, compute_on_all_ranks=True)
+        self.click = [AUCMetric(**common, tasks=[click]), NEMetric(**common, tasks=[click], include_logloss=True),
+                      CalibrationMetric(**common, tasks=[click])]
+        self.rating = MSEMetric(**common, tasks=[rating_task]) if rating else None
+        for metric in [*self.click, self.rating]:
+            if metric is not None:
+                metric.to(device)
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, predicted_ratings: torch.Tensor | None = None,
+               ratings: torch.Tensor | None = None) -> None:
+        """(N,) click logits and labels; (N,) predicted and true ratings, scored where labels > 0."""
+        ones = torch.ones_like(labels, dtype=torch.float32)
+        for metric in self.click:
+            metric.update(predictions={"click": torch.sigmoid(logits.float())}, labels={"click": labels.float()},
+                          weights={"click": ones})
+        if self.rating is not None and predicted_ratings is not None:
+            positive = (labels > 0).float()
+            self.rating.update(predictions={"rating": predicted_ratings.float()}, labels={"rating": ratings.float()},
+                               weights={"rating": positive})
+
+    def compute(self) -> dict[str, float]:
+        """{auc, logloss, ne, calibration[, rating_mse]} (collective: every rank must call it)."""
+        values: dict[str, float] = {}
+        for metric in [*self.click, self.rating]:
+            if metric is not None:
+                values.update({key: value.item() for key, value in metric.compute().items()})
+        result = {
+            "auc": values["auc-click|window_auc"],
+            # torchrec's log loss is in bits (log2); report the usual natural-log BCE.
+            "logloss": values["ne-click|lifetime_logloss"] * math.log(2.0),
+            "ne": values["ne-click|lifetime_ne"],
+            "calibration": values["calibration-click|lifetime_calibration"],
+        }
+        if self.rating is not None:
+            result["rating_mse"] = values["mse-rating|lifetime_mse"]
         return result
 
 
@@ -163,7 +229,12 @@ def format_ranking_table(metrics: dict[str, float], columns: dict[str, str]) -> 
 
     Example: ``format_ranking_table(m, {"model": "", "popularity": "popularity/"})``.
     """
-    names = [key for key in metrics if "@" in key and "/" not in key]
+    names: list[str] = []
+    for prefix in columns.values():
+        for key in metrics:
+            name = key[len(prefix):]
+            if key.startswith(prefix) and "@" in name and "/" not in name and name not in names:
+                names.append(name)
     header = f"{'metric':<14}" + "".join(f"{title:>14}" for title in columns)
     lines = [header, "-" * len(header)]
     for name in names:
@@ -172,4 +243,16 @@ def format_ranking_table(metrics: dict[str, float], columns: dict[str, str]) -> 
             for prefix in columns.values()
         )
         lines.append(f"{name:<14}{cells}")
+    return "\n".join(lines)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """A run's metrics for the terminal: the ranking table if it has top-K metrics, else one
+    ``name value`` line per scalar metric (e.g. a ranker's auc, logloss, ne, calibration)."""
+    if any("@" in key and "/" not in key for key in metrics):
+        return format_ranking_table(metrics, {"model": "", "popularity": "popularity/"})
+    lines = [f"{'metric':<14}{'value':>14}", "-" * 28]
+    for name, value in metrics.items():
+        if "/" not in name and isinstance(value, float) and name not in ("train_seconds",):
+            lines.append(f"{name:<14}{value:>14.4f}")
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """Samplers that add negative candidates to a training batch (run in the reader's prefetch thread).
 
 The two-tower task appends N *item-only* rows (user index -1) after the B labelled rows; their
-item embeddings become extra softmax candidates shared by the whole batch.
+item embeddings become extra softmax candidates shared by the whole batch. The ranker appends
+*full* (same user, negative item) rows with label 0 instead (:class:`RankingNegativeSampler`).
 """
 
 from __future__ import annotations
@@ -46,3 +47,110 @@ class ExtraItemSampler:
         users = np.concatenate([users, np.full(len(extra), -1, dtype=np.int64)])
         items = np.concatenate([items, extra])
         return users, items, labels, ratings
+
+
+# --------------------------------------------------------------------------------------------
+# ranking: full (user, negative item) rows
+# --------------------------------------------------------------------------------------------
+
+
+def _pair_keys(offsets: np.ndarray, items: np.ndarray, num_items: int) -> np.ndarray:
+    """Sorted int64 keys ``user * num_items + item`` of a user → items CSR."""
+    users = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
+    return np.sort(users * num_items + items)
+
+
+class RankingNegativeSampler:
+    """Reader hook of the ranker: appends ``k`` full (same user, negative item) rows per positive.
+
+    A negative is never one of the user's ``known`` items (the training interactions, so never
+    the positive itself). Of the k, ``round(k * hard_ratio)`` are drawn uniformly from the
+    user's hard candidates (see :meth:`set_hard_candidates`; a user without any falls back to
+    random), the rest uniformly from the catalog. Appended rows have label 0 and rating 0.
+
+    Args:
+        known: (offsets (U+1,), items) CSR of each user's items that must not be negatives.
+        num_items: catalog size I.
+    """
+
+    # Uniform redraws of a negative that hit a known item; users with nearly the whole
+    # catalog known may keep a hit after these (vanishingly rare, and harmless).
+    _REDRAWS = 8
+
+    def __init__(self, known: tuple[np.ndarray, np.ndarray], num_items: int, per_positive: int,
+                 hard_ratio: float = 0.0) -> None:
+        self.num_items = num_items
+        self.per_positive = per_positive
+        self.num_hard = int(round(per_positive * hard_ratio))
+        self._known = _pair_keys(known[0], known[1], num_items)
+        self._hard: tuple[np.ndarray, np.ndarray] | None = None
+
+    def set_hard_candidates(self, offsets: np.ndarray, items: np.ndarray) -> None:
+        """Per-user hard candidates as a CSR (offsets (U+1,), items); known ones are skipped."""
+        self._hard = (np.asarray(offsets, np.int64), np.asarray(items, np.int64))
+
+    @property
+    def hard_candidates(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return self._hard
+
+    def is_known(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        keys = users * self.num_items + items
+        where = np.minimum(np.searchsorted(self._known, keys), max(len(self._known) - 1, 0))
+        return self._known[where] == keys if len(self._known) else np.zeros(len(keys), bool)
+
+    def random(self, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """(len(users),) uniform items that are not known for their user."""
+        items = rng.integers(0, self.num_items, len(users), dtype=np.int64)
+        for _ in range(self._REDRAWS):
+            hits = np.flatnonzero(self.is_known(users, items))
+            if len(hits) == 0:
+                break
+            items[hits] = rng.integers(0, self.num_items, len(hits), dtype=np.int64)
+        return items
+
+    def hard(self, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """(len(users),) items drawn uniformly from each user's hard candidates that are not known
+        for the user (random if there are none, or if redraws keep hitting known ones)."""
+        offsets, candidates = self._hard
+        starts = offsets[users]
+        counts = offsets[users + 1] - starts
+        last = max(len(candidates) - 1, 0)
+
+        def draw(rows: np.ndarray) -> np.ndarray:
+            picks = starts[rows] + (rng.random(len(rows)) * counts[rows]).astype(np.int64)
+            return candidates[np.minimum(picks, last)] if len(candidates) else picks
+
+        items = draw(np.arange(len(users)))
+        pending = np.flatnonzero((counts == 0) | self.is_known(users, items))
+        for _ in range(self._REDRAWS):
+            pending = pending[counts[pending] > 0]
+            if len(pending) == 0:
+                break
+            items[pending] = draw(pending)
+            pending = pending[self.is_known(users[pending], items[pending])]
+        fallback = np.flatnonzero((counts == 0) | self.is_known(users, items))
+        items[fallback] = self.random(users[fallback], rng)
+        return items
+
+    def negatives(self, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """(len(users) X k) negative items for each row's user: hard columns first, then random."""
+        num_hard = self.num_hard if self._hard is not None else 0
+        repeated = np.repeat(users, self.per_positive).reshape(len(users), self.per_positive)
+        out = np.empty_like(repeated)
+        if num_hard:
+            out[:, :num_hard] = self.hard(repeated[:, :num_hard].reshape(-1), rng).reshape(len(users), num_hard)
+        out[:, num_hard:] = self.random(repeated[:, num_hard:].reshape(-1), rng).reshape(len(users), -1)
+        return out
+
+    def __call__(self, users, items, labels, ratings, rng: np.random.Generator):
+        """Reader hook: the B positive rows, then B * k negative rows (positive-major order)."""
+        if self.per_positive <= 0:
+            return users, items, labels, ratings
+        negatives = self.negatives(users, rng).reshape(-1)
+        count = len(negatives)
+        return (
+            np.concatenate([users, np.repeat(users, self.per_positive)]),
+            np.concatenate([items, negatives]),
+            np.concatenate([labels, np.zeros(count, dtype=np.float32)]),
+            np.concatenate([ratings, np.zeros(count, dtype=np.float32)]),
+        )

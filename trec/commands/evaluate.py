@@ -19,40 +19,97 @@ def register(subparsers) -> None:
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value of the run's config, e.g. --set evaluation.ks=[10,50]")
+    parser.add_argument("--index", metavar="DIR",
+                        help="also rank through this FAISS export of the run (trec export --out): index/... metrics "
+                        "beside the exact ones, and the index's ANN recall@K against exact search; with "
+                        "--ranker-run-dir, the candidates are retrieved through the index")
+    parser.add_argument("--nprobe", type=int, help="with --index: IVF lists visited per query (default: the export's)")
+    parser.add_argument("--ef-search", type=int, help="with --index: HNSW candidate list size (default: the export's)")
+    parser.add_argument("--ranker-run-dir", metavar="DIR",
+                        help="two-stage: --run-dir (a two-tower) retrieves --candidates items per user, this ranker "
+                        "run re-ranks them; retrieval-only and two-stage metrics go side by side into DIR/metrics.json "
+                        "(retrieval/..., two_stage/...); --set then applies to the ranker's config")
+    parser.add_argument("--candidates", type=int, default=100, metavar="N",
+                        help="two-stage: candidates retrieved per user (default: 100)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from trec.checkpoint import checkpoint_for_inference, load_model_weights
-    from trec.config import load_config
-    from trec.data import PreparedDataset
+    if args.ranker_run_dir:
+        return run_two_stage(args)
+    from trec.distributed import distributed_session
+    from trec.errors import TrecError
+    from trec.io import atomic_write_json
+    from trec.metrics import format_metrics, format_ranking_table
+    from trec.models import model_spec
+    from trec.runs import load_trained_run, run_config, two_tower_of
+    from trec.trainer import evaluation_splits
+
+    cfg = run_config(Path(args.run_dir), args.set_overrides)
+    index = load_index(args) if args.index else None
+    with distributed_session(cfg.training.seed, cfg.training.device, cfg.logging.level) as ctx:
+        loaded = load_trained_run(Path(args.run_dir), ctx, args.set_overrides)
+        if not loaded.dataset.has_split(args.split):
+            raise TrecError(f"{cfg.data.path}: no '{args.split}' split")
+        _, test_exclusions = evaluation_splits(loaded.dataset)
+        exclusions = test_exclusions if args.split == "test" else ["train"]
+        extra = {}
+        if index is not None:
+            two_tower_of(loaded)
+            extra["index"] = index
+        metrics = model_spec(cfg.model).evaluate(loaded.task, loaded.dataset, args.split, exclusions, cfg, ctx, **extra)
+        if ctx.is_main:
+            run = loaded.run
+            previous = json.loads(run.metrics.read_text()) if run.metrics.is_file() else {}
+            prefix = "" if args.split == "test" else f"{args.split}/"
+            atomic_write_json(run.metrics, previous | {prefix + k: v for k, v in metrics.items()}
+                              | {"evaluated_checkpoint": str(loaded.checkpoint)})
+            columns = {"model": "", "popularity": "popularity/"} | ({"index": "index/"} if index else {})
+            # A ranker's metrics (auc, logloss, ...) have no top-K table.
+            print(format_ranking_table(metrics, columns) if any("@" in k for k in metrics) else format_metrics(metrics))
+            if index is not None:
+                recalls = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("index/ann_recall"))
+                print(f"index: {index.index_kind}, {index.num_shards} shards; ANN recall vs exact search: {recalls}")
+            print(f"wrote {run.metrics}")
+    return 0
+
+
+def load_index(args: argparse.Namespace):
+    """The --index export, with --nprobe / --ef-search applied."""
+    from trec.export import ShardedIndex
+
+    index = ShardedIndex.load(args.index)
+    if args.nprobe:
+        index.nprobe = args.nprobe
+    if args.ef_search:
+        index.ef_search = args.ef_search
+    return index
+
+
+def run_two_stage(args: argparse.Namespace) -> int:
+    """Retrieve with --run-dir, re-rank with --ranker-run-dir, write both rows to the ranker's metrics.json."""
     from trec.distributed import distributed_session
     from trec.errors import TrecError
     from trec.io import atomic_write_json
     from trec.metrics import format_ranking_table
-    from trec.models import model_spec
-    from trec.trainer import RunDir, build_sharded_task, evaluation_splits
+    from trec.runs import run_config
+    from trec.trainer import RunDir
+    from trec.two_stage import evaluate_two_stage_runs, index_candidates
 
-    run_dir = RunDir(Path(args.run_dir))
-    if not run_dir.config.is_file():
-        raise TrecError(f"{run_dir.config}: not found (is {run_dir.root} a trec run directory?)")
-    cfg = load_config(run_dir.config, args.set_overrides)
-    checkpoint = checkpoint_for_inference(run_dir.root)
+    make_generator = index_candidates(load_index(args)) if args.index else None
+    if args.candidates < 1:
+        raise TrecError(f"--candidates: expected a positive number, got {args.candidates}")
+    ranker_dir = RunDir(Path(args.ranker_run_dir))
+    cfg = run_config(ranker_dir.root, args.set_overrides)
     with distributed_session(cfg.training.seed, cfg.training.device, cfg.logging.level) as ctx:
-        dataset = PreparedDataset.open(cfg.data.path)
-        if not dataset.has_split(args.split):
-            raise TrecError(f"{cfg.data.path}: no '{args.split}' split")
-        model, task = build_sharded_task(cfg, dataset, ctx, train=False)
-        load_model_weights(checkpoint, model)
-        model.eval()
-        _, test_exclusions = evaluation_splits(dataset)
-        exclusions = test_exclusions if args.split == "test" else ["train"]
-        metrics = model_spec(cfg.model).evaluate(task, dataset, args.split, exclusions, cfg, ctx)
+        metrics = evaluate_two_stage_runs(Path(args.run_dir), ranker_dir.root, ctx, args.split, args.candidates,
+                                          args.set_overrides, make_generator)
+        if args.index:
+            metrics["two_stage/index"] = str(Path(args.index).resolve())
         if ctx.is_main:
-            previous = json.loads(run_dir.metrics.read_text()) if run_dir.metrics.is_file() else {}
+            previous = json.loads(ranker_dir.metrics.read_text()) if ranker_dir.metrics.is_file() else {}
             prefix = "" if args.split == "test" else f"{args.split}/"
-            atomic_write_json(run_dir.metrics, previous | {prefix + k: v for k, v in metrics.items()}
-                              | {"evaluated_checkpoint": str(checkpoint)})
-            print(format_ranking_table(metrics, {"model": "", "popularity": "popularity/"}))
-            print(f"wrote {run_dir.metrics}")
+            atomic_write_json(ranker_dir.metrics, previous | {prefix + k: v for k, v in metrics.items()})
+            print(format_ranking_table(metrics, {"retrieval": "retrieval/", "two_stage": "two_stage/"}))
+            print(f"wrote {ranker_dir.metrics}")
     return 0

@@ -42,7 +42,7 @@ def resolve_config(args: argparse.Namespace, run_dir: Path):
 
 def run(args: argparse.Namespace) -> int:
     from trec.distributed import distributed_session
-    from trec.metrics import format_ranking_table
+    from trec.metrics import format_metrics
     from trec.trainer import train
 
     run_dir = Path(args.run_dir)
@@ -50,6 +50,6 @@ def run(args: argparse.Namespace) -> int:
     with distributed_session(cfg.training.seed, cfg.training.device, cfg.logging.level) as ctx:
         metrics = train(cfg, run_dir, ctx)
         if ctx.is_main:
-            print(format_ranking_table(metrics, {"model": "", "popularity": "popularity/"}))
+            print(format_metrics(metrics))
             print(f"wrote {run_dir / 'metrics.json'}")
     return 0
