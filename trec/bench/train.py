@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="embedding rows in all: user_id, item_id, user_history get a third each (default 10.5M)")
     parser.add_argument("--interactions", type=int, default=2_000_000, help="synthetic interactions (default 2M)")
     parser.add_argument("--dim", type=int, default=64, help="embedding width (default 64)")
-    parser.add_argument("--batch-size", type=int, default=4096, help="rows per rank per step (default 4096)")
+    parser.add_argument("--batch-size", type=int, default=1024, help="rows per rank per step (default 1024)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration (default 30)")
     parser.add_argument("--dense-steps", type=int, default=4, help="timed steps of the dense baseline (default 4)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
@@ -147,6 +147,41 @@ def trec_seconds_per_step(cfg: TrecConfig, dataset, ctx, batches, warmup: int) -
     return seconds
 
 
+def embedding_only_seconds_per_step(cfg: TrecConfig, dataset, ctx, batches, warmup: int, fused: bool) -> float:
+    """The tables alone (lookup, backward, update), no MLP or loss: what each approach can win at most.
+
+    fused: one EBC over every table, FBGEMM RowWiseAdagrad in backward, sharded by DMP (trec);
+    otherwise ``nn.EmbeddingBag(sparse=True)`` + SparseAdam (baseline a).
+    """
+    import torch
+
+    from trec.bench.baselines import PlainEmbeddingBags
+    from trec.distributed import barrier, shard_model
+    from trec.models.modules import embedding_bag_collection, embedding_tables
+    from trec.optim import attach_sparse_optimizer
+
+    tables = embedding_tables(dataset.sparse_features, cfg.model)
+    if fused:
+        ebc = embedding_bag_collection(tables)
+        attach_sparse_optimizer(ebc, cfg.optimizer)
+        model = shard_model(ebc, cfg.sharding, ctx, batch_size=cfg.data.batch_size)
+        optimizers = []
+    else:
+        model = PlainEmbeddingBags(tables, sparse=True)
+        optimizers = [torch.optim.SparseAdam(list(model.parameters()), lr=1e-3)]
+
+    def step(batch) -> None:
+        model(batch.sparse_features).values().sum().backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    seconds = time_steps(step, batches, warmup, barrier)
+    del model, optimizers
+    gc.collect()
+    return seconds
+
+
 def baseline_seconds_per_step(cfg: TrecConfig, dataset, batches, warmup: int, sparse: bool) -> float:
     from trec.bench.baselines import baseline_optimizers, baseline_task
 
@@ -244,6 +279,13 @@ def run(args: argparse.Namespace) -> int:
         results["trec, 1 rank"] = {"seconds_per_step": trec_seconds_per_step(cfg, dataset, ctx, batches, args.warmup),
                                    "world_size": 1, "lookups": lookups}
         print("timed trec (1 rank)", flush=True)
+        embedding_only = {
+            "trec tables only (FBGEMM fused RowWiseAdagrad)": embedding_only_seconds_per_step(
+                cfg, dataset, ctx, batches, args.warmup, fused=True),
+            "(a) tables only (EmbeddingBag(sparse) + SparseAdam)": embedding_only_seconds_per_step(
+                cfg, dataset, ctx, batches, args.warmup, fused=False),
+        }
+        print("timed the embedding step alone", flush=True)
     results["baseline (a): EmbeddingBag(sparse) + SparseAdam"] = {
         "seconds_per_step": baseline_seconds_per_step(cfg, dataset, batches, args.warmup, sparse=True), "world_size": 1}
     print("timed baseline (a)", flush=True)
@@ -257,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     for world_size in (int(w) for w in args.ranks.split(",") if int(w) > 1):
         measured = _multi_rank(args, data, world_size)
         results[f"trec, {world_size} ranks"] = {**measured, "world_size": world_size}
-    report = _report(results, args, bandwidth, rows)
+    report = _report(results, embedding_only, args, bandwidth, rows)
     print(report["table"])
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -265,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(results: dict, args, bandwidth: float, rows: int) -> dict:
+def _report(results: dict, embedding_only: dict, args, bandwidth: float, rows: int) -> dict:
     import torch
 
     sparse = results["baseline (a): EmbeddingBag(sparse) + SparseAdam"]
@@ -283,6 +325,10 @@ def _report(results: dict, args, bandwidth: float, rows: int) -> dict:
             traffic = f"{row['embedding_bytes_per_s'] / 1e9:>10.2f}"
         figures.append(row)
         lines.append(f"{name:<48}{samples:>12,.0f}{row['vs_sparse_baseline']:>8.1f}x{row['vs_dense_baseline']:>8.1f}x{traffic}")
+    (trec_alone, fused_s), (sparse_alone, sparse_s) = embedding_only.items()
+    lines.append(f"embedding step alone (no MLP, no loss), 1 rank: {trec_alone} {args.batch_size / fused_s:,.0f} "
+                 f"samples/s, {sparse_alone} {args.batch_size / sparse_s:,.0f} samples/s: "
+                 f"{sparse_s / fused_s:.1f}x, the most any full step can gain over (a) on this machine")
     one_rank = figures[0]
     lines.append(f"memory-copy bandwidth: {bandwidth / 1e9:.2f} GB/s; trec (1 rank) embedding traffic is "
                  f"{one_rank['embedding_bytes_per_s'] / bandwidth:.1%} of it")
@@ -294,5 +340,6 @@ def _report(results: dict, args, bandwidth: float, rows: int) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "embedding_rows": rows, "dim": args.dim, "batch_size": args.batch_size, "steps": args.steps,
         "copy_bandwidth_bytes_per_s": bandwidth, "results": figures, "targets_met": verdict,
+        "embedding_only_seconds_per_step": embedding_only,
         "table": "\n".join(lines),
     }
