@@ -14,7 +14,6 @@ prints the resolved values.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -614,8 +613,3 @@ def save_config(cfg: TrecConfig, path: str | os.PathLike) -> None:
     """Write the resolved config (atomically), so a run directory records what produced it."""
     atomic_write_text(Path(path), config_to_yaml(cfg))
 
-
-def suggest(name: str, options: Sequence[str]) -> str:
-    """' (did you mean X?)' for the closest option, or ''."""
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
