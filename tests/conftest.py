@@ -99,22 +99,10 @@ def resumed_run(tmp_path_factory, ml100k_prepared):
 
     Returns (run dir, newest complete checkpoint at the kill, log of the resumed attempt).
     """
-    import signal
-    import time
-
-    from training import train_command
-    from trec.checkpoint import latest_checkpoint
+    from training import kill_after_checkpoint, train_command
 
     run_dir = tmp_path_factory.mktemp("runs") / "resumed"
-    proc = subprocess.Popen(train_command(run_dir, ml100k_prepared), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, env=_env())
-    deadline = time.time() + 600
-    while not (run_dir / "checkpoints" / "step-10").is_dir():
-        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoints"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    interrupted_at = latest_checkpoint(run_dir / "checkpoints")
+    interrupted_at = kill_after_checkpoint(train_command(run_dir, ml100k_prepared), run_dir, env=_env())
     resumed = subprocess.run(train_command(run_dir, ml100k_prepared), capture_output=True, text=True, timeout=900,
                              env=_env())
     _check(resumed, True)

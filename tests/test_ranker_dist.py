@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from training import model_weights, trec_command
+from training import kill_after_checkpoint, model_weights, trec_command
 
-from trec.checkpoint import latest_checkpoint
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -90,15 +86,7 @@ def test_ranker_run_writes_click_metrics_checkpoints_and_tensorboard(ranker):
 
 def test_ranker_resumes_after_kill_with_identical_weights(ranker, retriever, ml100k_prepared, tmp_path):
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(ranker_command(run_dir, ml100k_prepared, retriever), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoints" / "step-10").is_dir():
-        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoints"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    interrupted_at = latest_checkpoint(run_dir / "checkpoints")
+    interrupted_at = kill_after_checkpoint(ranker_command(run_dir, ml100k_prepared, retriever), run_dir)
     assert interrupted_at is not None and interrupted_at.name != f"step-{STEPS}", "the kill came too late"
 
     resumed = run(ranker_command(run_dir, ml100k_prepared, retriever))

@@ -47,3 +47,27 @@ def trec_command(nproc: int, *args: str) -> list[str]:
         return [sys.executable, "-m", "trec", *map(str, args)]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return [*launcher, "-m", "trec", *map(str, args)]
+
+
+def kill_after_checkpoint(command: list[str], run_dir: Path, checkpoint: str = "step-10", env: dict | None = None,
+                          timeout: float = 600) -> Path | None:
+    """Run ``command`` until ``run_dir/checkpoints/CHECKPOINT`` exists, then SIGKILL its whole process group.
+
+    Returns the newest complete checkpoint at the kill (what a resumed run starts from).
+    """
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from trec.checkpoint import latest_checkpoint
+
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=env)
+    deadline = time.time() + timeout
+    while not (run_dir / "checkpoints" / checkpoint).is_dir():
+        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoints"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return latest_checkpoint(run_dir / "checkpoints")
