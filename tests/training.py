@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,7 +31,9 @@ def train_command(run_dir: Path, data: Path, *extra: str, nproc: int = 2) -> lis
 
 def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The model tensors of a DCP checkpoint, loaded whole in this process."""
-    return _load_state_dict_from_keys(checkpoint_id=str(checkpoint))["model"]
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is unavailable or uninitialized")
+        return _load_state_dict_from_keys(checkpoint_id=str(checkpoint))["model"]
 
 
 def scalar_steps(tb_dir: Path, tag: str) -> list[int]:

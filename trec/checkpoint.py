@@ -32,7 +32,7 @@ from torch import nn
 from trec.config import CheckpointConfig
 from trec.distributed import DistContext, barrier
 from trec.errors import TrecError
-from trec.io import atomic_write_json
+from trec.io import atomic_write_json, read_json_object
 
 logger = logging.getLogger("trec")
 
@@ -88,7 +88,7 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def read_trainer_state(path: Path) -> TrainerState:
-    return TrainerState(**json.loads((Path(path) / STATE_FILE).read_text()))
+    return TrainerState(**read_json_object(Path(path) / STATE_FILE))
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

@@ -19,7 +19,6 @@ by an ``augment`` hook). Features are joined from in-memory user/item tables by
 
 from __future__ import annotations
 
-import json
 import math
 import queue
 import threading
@@ -37,7 +36,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data_pipeline import layout as L
 from trec.errors import TrecError
-from trec.io import sha256_file
+from trec.io import read_json_object, sha256_file
 
 Augment = Callable[
     [np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.random.Generator],
@@ -242,12 +241,7 @@ class PreparedDataset:
         manifest_path = path / L.MANIFEST
         if not manifest_path.is_file():
             raise TrecError(f"{path}: not a prepared dataset (no {L.MANIFEST}; create one with `trec data prepare`)")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as error:
-            raise TrecError(f"{manifest_path}: invalid JSON (line {error.lineno}: {error.msg})") from None
-        if not isinstance(manifest, dict):
-            raise TrecError(f"{manifest_path}: expected a JSON object")
+        manifest = read_json_object(manifest_path)
         version = manifest.get("format_version")
         if version != L.FORMAT_VERSION:
             raise TrecError(f"{manifest_path}: format_version {version} is not supported (this trec reads "

@@ -33,6 +33,20 @@ def atomic_write_json(path: Path, payload: object) -> None:
     atomic_write_text(Path(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+def read_json_object(path: Path) -> dict:
+    """Parse a JSON file that must hold an object; a bad file is a TrecError naming it and the line."""
+    from trec.errors import TrecError
+
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise TrecError(f"{path}: invalid JSON (line {error.lineno}: {error.msg})") from None
+    if not isinstance(payload, dict):
+        raise TrecError(f"{path}: expected a JSON object")
+    return payload
+
+
 @contextlib.contextmanager
 def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``final``; rename it to ``final`` when the block succeeds.

@@ -29,7 +29,7 @@ from trec.config import PipelineKind, TrecConfig, config_to_dict, save_config
 from trec.data import InteractionReader, PreparedDataset, RecBatch
 from trec.distributed import DistContext, barrier, describe_plan, shard_model
 from trec.errors import TrecError
-from trec.io import atomic_write_json
+from trec.io import atomic_write_json, read_json_object
 from trec.metrics import MetricsLogger
 from trec.models import ModelSpec, model_spec
 from trec.optim import attach_sparse_optimizer, build_optimizer, current_learning_rates
@@ -58,6 +58,11 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.json"
+
+    def merge_metrics(self, metrics: dict[str, object], prefix: str = "") -> None:
+        """Add ``metrics`` (keys prefixed) to metrics.json, keeping the keys it already has."""
+        previous = read_json_object(self.metrics) if self.metrics.is_file() else {}
+        atomic_write_json(self.metrics, previous | {prefix + key: value for key, value in metrics.items()})
 
 
 def build_sharded_task(cfg: TrecConfig, dataset: PreparedDataset, ctx: DistContext, train: bool) -> tuple[nn.Module, nn.Module]:
@@ -231,7 +236,8 @@ class Trainer:
         loss = _mean_across_ranks(outputs["loss"])
         lrs = current_learning_rates(self.optimizer)
         rate = window.rate()
-        progress.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:,.0f}")
+        # refresh=False: the bar redraws at its own pace, so piped output is not flooded with bars.
+        progress.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:,.0f}", refresh=False)
         logger.info("step %d/%d loss %.4f lr %s %.0f samples/s", self.state.step, self.total_steps, loss,
                     " ".join(f"{k}={v:.2e}" for k, v in lrs.items()), rate)
         self.tb.scalars({"loss": loss, "samples_per_second": rate, "epoch": self.state.epoch}, self.state.step, "train/")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from trec.commands import add_run_dir_flag
@@ -39,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
         return run_two_stage(args)
     from trec.distributed import distributed_session
     from trec.errors import TrecError
-    from trec.io import atomic_write_json
     from trec.metrics import format_metrics, format_ranking_table
     from trec.models import model_spec
     from trec.runs import load_trained_run, run_config, two_tower_of
@@ -60,10 +58,7 @@ def run(args: argparse.Namespace) -> int:
         metrics = model_spec(cfg.model).evaluate(loaded.task, loaded.dataset, args.split, exclusions, cfg, ctx, **extra)
         if ctx.is_main:
             run = loaded.run
-            previous = json.loads(run.metrics.read_text()) if run.metrics.is_file() else {}
-            prefix = "" if args.split == "test" else f"{args.split}/"
-            atomic_write_json(run.metrics, previous | {prefix + k: v for k, v in metrics.items()}
-                              | {"evaluated_checkpoint": str(loaded.checkpoint)})
+            run.merge_metrics(metrics | {"evaluated_checkpoint": str(loaded.checkpoint)}, split_prefix(args.split))
             columns = {"model": "", "popularity": "popularity/"} | ({"index": "index/"} if index else {})
             # A ranker's metrics (auc, logloss, ...) have no top-K table.
             print(format_ranking_table(metrics, columns) if any("@" in k for k in metrics) else format_metrics(metrics))
@@ -72,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
                 print(f"index: {index.index_kind}, {index.num_shards} shards; ANN recall vs exact search: {recalls}")
             print(f"wrote {run.metrics}")
     return 0
+
+
+def split_prefix(split: str) -> str:
+    """Test metrics keep the plain keys (``ndcg@10``); other splits' are prefixed (``val/ndcg@10``)."""
+    return "" if split == "test" else f"{split}/"
 
 
 def load_index(args: argparse.Namespace):
@@ -90,7 +90,6 @@ def run_two_stage(args: argparse.Namespace) -> int:
     """Retrieve with --run-dir, re-rank with --ranker-run-dir, write both rows to the ranker's metrics.json."""
     from trec.distributed import distributed_session
     from trec.errors import TrecError
-    from trec.io import atomic_write_json
     from trec.metrics import format_ranking_table
     from trec.runs import run_config
     from trec.trainer import RunDir
@@ -107,9 +106,7 @@ def run_two_stage(args: argparse.Namespace) -> int:
         if args.index:
             metrics["two_stage/index"] = str(Path(args.index).resolve())
         if ctx.is_main:
-            previous = json.loads(ranker_dir.metrics.read_text()) if ranker_dir.metrics.is_file() else {}
-            prefix = "" if args.split == "test" else f"{args.split}/"
-            atomic_write_json(ranker_dir.metrics, previous | {prefix + k: v for k, v in metrics.items()})
+            ranker_dir.merge_metrics(metrics, split_prefix(args.split))
             print(format_ranking_table(metrics, {"retrieval": "retrieval/", "two_stage": "two_stage/"}))
             print(f"wrote {ranker_dir.metrics}")
     return 0

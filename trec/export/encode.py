@@ -8,7 +8,6 @@ gathered on one rank. The parts then feed :func:`trec.export.build_sharded_index
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from trec import __version__
+from trec.checkpoint import read_trainer_state
 from trec.errors import TrecError
 from trec.export.build import build_sharded_index
 from trec.export.layout import EMBEDDINGS_DIR, export_directory
@@ -76,11 +76,10 @@ def export_run(loaded, out: Path, ctx, users: bool = False, overwrite: bool = Fa
 
     model = two_tower_of(loaded)
     cfg = loaded.cfg
-    state_file = loaded.checkpoint / "trainer_state.json"
     source = {
         "run_dir": str(loaded.run.root.resolve()),
         "checkpoint": str(loaded.checkpoint.resolve()),
-        "step": json.loads(state_file.read_text())["step"] if state_file.is_file() else None,
+        "step": read_trainer_state(loaded.checkpoint).step,
         "config": str(loaded.run.config.resolve()),
         "dataset": cfg.data.path,
         "trec_version": __version__,

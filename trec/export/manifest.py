@@ -20,14 +20,13 @@ Fields (format_version 1):
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
 from trec.errors import TrecError
 from trec.export.layout import EMBEDDINGS_DIR, MANIFEST, shard_files_present
 from trec.export.parts import KINDS, part_paths
-from trec.io import atomic_write_json, sha256_file
+from trec.io import atomic_write_json, read_json_object, sha256_file
 
 FORMAT_VERSION = 1
 _REQUIRED = (
@@ -69,12 +68,7 @@ def read_manifest(root: Path) -> dict:
     path = root / MANIFEST
     if not path.is_file():
         raise TrecError(f"{MANIFEST}: not found in {root}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise TrecError(f"{MANIFEST}: not valid JSON (line {error.lineno}: {error.msg}) in {root}") from None
-    if not isinstance(manifest, dict):
-        raise TrecError(f"{MANIFEST}: expected a JSON object in {root}")
+    manifest = read_json_object(path)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise TrecError(
             f"{MANIFEST}: format_version {manifest.get('format_version')!r} is not supported "
