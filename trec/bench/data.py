@@ -42,25 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _dataset_dir(args: argparse.Namespace) -> Path:
-    """--data, or the cached synthetic dataset (prepared here if missing or of another size)."""
+    """--data, or the cached synthetic dataset of this size (prepared here if missing)."""
     if args.data:
         return Path(args.data)
-    cache = Path(args.cache) / f"{args.interactions}-{args.users}-{args.items}"
-    if (cache / "manifest.json").is_file():
-        return cache
-    from data_pipeline.prepare import prepare_dataset
-    from data_pipeline.sources.synthetic import SyntheticSource
+    from trec.bench.synthetic import cached_synthetic_dataset
     from trec.config import PrepareConfig
 
     options = PrepareConfig(seed=0, history_max_len=max(args.history_max_len, 1))
     options.synthetic.interactions, options.synthetic.users, options.synthetic.items = (
         args.interactions, args.users, args.items)
-    print(f"preparing a synthetic dataset of {args.interactions:,} interactions in {cache} (reused next time)")
-    started = time.perf_counter()
-    prepare_dataset(SyntheticSource(options.synthetic, options.seed, options.rows_per_shard), cache, options,
-                    overwrite=True)
-    print(f"  prepared in {time.perf_counter() - started:.1f} s")
-    return cache
+    return cached_synthetic_dataset(Path(args.cache) / f"{args.interactions}-{args.users}-{args.items}", options)
 
 
 def random_negatives(num_items: int, count: int):

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from trec.config import TrecConfig, load_config
+from trec.config import IdMapping, PrepareConfig, TrecConfig, load_config
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synthetic_large_two_tower.yaml"
 TARGETS = {"sparse_baseline": 5.0, "dense_baseline": 100.0}
@@ -68,21 +68,13 @@ def synthetic_hashed_dataset(cache: Path, buckets: int, interactions: int) -> Pa
     Hashing the IDs fixes the table sizes whatever the interaction count; prepared once under
     ``cache`` and reused.
     """
-    out = Path(cache) / f"{interactions}-{buckets}"
-    if not (out / "manifest.json").is_file():
-        from data_pipeline.prepare import prepare_dataset
-        from data_pipeline.sources.synthetic import SyntheticSource
-        from trec.config import IdMapping, PrepareConfig
+    from trec.bench.synthetic import cached_synthetic_dataset
 
-        options = PrepareConfig(seed=0, id_mapping=IdMapping.hash, hash_buckets=buckets, history_max_len=20,
-                                test_fraction=0.05)
-        options.synthetic.users, options.synthetic.items = buckets, buckets
-        options.synthetic.interactions = interactions
-        print(f"preparing a synthetic dataset ({interactions:,} interactions, {buckets:,} hash buckets "
-              f"per ID table) in {out} (reused next time)", flush=True)
-        prepare_dataset(SyntheticSource(options.synthetic, options.seed, options.rows_per_shard), out, options,
-                        overwrite=True)
-    return out
+    options = PrepareConfig(seed=0, id_mapping=IdMapping.hash, hash_buckets=buckets, history_max_len=20,
+                            test_fraction=0.05)
+    options.synthetic.users, options.synthetic.items = buckets, buckets
+    options.synthetic.interactions = interactions
+    return cached_synthetic_dataset(Path(cache) / f"{interactions}-{buckets}", options)
 
 
 def dataset_dir(args: argparse.Namespace) -> Path:
