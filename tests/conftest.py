@@ -2,35 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from training import REPO, kill_after_checkpoint, run_command, torchrun_command, train_command
 
-REPO = Path(__file__).resolve().parents[1]
 ML100K = (REPO.parent / "shared" / "datasets" / "ml-100k").resolve()
-
-
-def _env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONUNBUFFERED"] = "1"
-    # Child processes must find torchrun/trec of this interpreter's environment.
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.update(extra or {})
-    return env
-
-
-def _check(proc: subprocess.CompletedProcess, check: bool) -> subprocess.CompletedProcess:
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"command failed ({proc.returncode}): {' '.join(map(str, proc.args))}\n"
-            f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
-        )
-    return proc
 
 
 @pytest.fixture
@@ -38,11 +16,7 @@ def run_trec():
     """Run ``python -m trec ARGS`` and return the CompletedProcess (``check=False`` to expect failure)."""
 
     def run(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None, cwd=REPO):
-        proc = subprocess.run(
-            [sys.executable, "-m", "trec", *map(str, args)],
-            capture_output=True, text=True, timeout=timeout, env=_env(env), cwd=cwd,
-        )
-        return _check(proc, check)
+        return run_command([sys.executable, "-m", "trec", *args], check, timeout, env, cwd)
 
     return run
 
@@ -53,10 +27,7 @@ def torchrun():
 
     def run(nproc: int, *target_and_args: str, check: bool = True, timeout: float = 900,
             env: dict | None = None, extra: tuple[str, ...] = ()):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               *extra, *map(str, target_and_args)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(env), cwd=REPO)
-        return _check(proc, check)
+        return run_command([*torchrun_command(nproc), *extra, *target_and_args], check, timeout, env)
 
     return run
 
@@ -84,12 +55,8 @@ def ml100k_prepared(ml100k, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def full_run(tmp_path_factory, ml100k_prepared) -> Path:
     """An uninterrupted 2-rank two-tower run of training.STEPS steps on ML-100K."""
-    from training import train_command
-
     run_dir = tmp_path_factory.mktemp("runs") / "full"
-    proc = subprocess.run(train_command(run_dir, ml100k_prepared), capture_output=True, text=True, timeout=900,
-                          env=_env())
-    _check(proc, True)
+    run_command(train_command(run_dir, ml100k_prepared))
     return run_dir
 
 
@@ -99,11 +66,7 @@ def resumed_run(tmp_path_factory, ml100k_prepared):
 
     Returns (run dir, newest complete checkpoint at the kill, log of the resumed attempt).
     """
-    from training import kill_after_checkpoint, train_command
-
     run_dir = tmp_path_factory.mktemp("runs") / "resumed"
-    interrupted_at = kill_after_checkpoint(train_command(run_dir, ml100k_prepared), run_dir, env=_env())
-    resumed = subprocess.run(train_command(run_dir, ml100k_prepared), capture_output=True, text=True, timeout=900,
-                             env=_env())
-    _check(resumed, True)
+    interrupted_at = kill_after_checkpoint(train_command(run_dir, ml100k_prepared), run_dir)
+    resumed = run_command(train_command(run_dir, ml100k_prepared))
     return run_dir, interrupted_at, resumed.stderr

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from training import trec_command
+from training import run_command, trec_command
 
 from trec.export import read_embedding_parts
 
@@ -18,11 +17,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
 def run(nproc: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(trec_command(nproc, *args), capture_output=True, text=True, timeout=600, env=env)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-5000:]
-    return proc
+    return run_command(trec_command(nproc, *args), check, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +69,11 @@ def test_evaluation_through_the_index_matches_exact(exports, full_run, tmp_path,
     assert metrics["index/ann_recall@10"] >= (1.0 if name == "flat2" else 0.9)
 
 
-def test_export_of_resumed_run_equals_uninterrupted_run(full_run, resumed_run, tmp_path):
+def test_export_of_resumed_run_equals_uninterrupted_run(exports, resumed_run, tmp_path):
     resumed_dir = resumed_run[0]
-    run(1, "export", "--run-dir", full_run, "--out", tmp_path / "a")
-    run(1, "export", "--run-dir", resumed_dir, "--out", tmp_path / "b")
-    _, idx_a, vec_a = read_embedding_parts(tmp_path / "a" / "embeddings")
-    _, idx_b, vec_b = read_embedding_parts(tmp_path / "b" / "embeddings")
+    run(1, "export", "--run-dir", resumed_dir, "--out", tmp_path / "resumed")
+    _, idx_a, vec_a = read_embedding_parts(exports["flat1"] / "embeddings")  # 1 rank, the uninterrupted run
+    _, idx_b, vec_b = read_embedding_parts(tmp_path / "resumed" / "embeddings")
     assert np.array_equal(idx_a, idx_b) and np.array_equal(vec_a, vec_b)
 
 

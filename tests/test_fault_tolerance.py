@@ -11,12 +11,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from training import CONFIG, OVERRIDES, STEPS, scalar_steps
+from training import CONFIG, OVERRIDES, REPO, STEPS, child_env, scalar_steps, wait_for_checkpoint
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -40,19 +39,15 @@ def worker_pids(run_dir: Path, local_rank: int) -> list[int]:
 
 def test_killed_worker_is_restarted_and_training_finishes(ml100k_prepared, tmp_path):
     run_dir = tmp_path / "ft"
-    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
     command = [
         str(Path(sys.executable).parent / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}",
         "./launchers/components.py:train", "-j", "1x2", "--max_restarts", "1", "--",
         "--config", CONFIG, "--data", str(ml100k_prepared), "--run-dir", str(run_dir), *OVERRIDES,
     ]
-    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                           cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(),
+                           cwd=REPO, start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while not (run_dir / "checkpoints" / "step-10").is_dir():
-            assert job.poll() is None and time.time() < deadline, "the job ended before its first checkpoints"
-            time.sleep(0.05)
+        wait_for_checkpoint(job, run_dir, "step-10", timeout=300)
         victims = worker_pids(run_dir, local_rank=1)
         assert len(victims) == 1, victims
         os.kill(victims[0], signal.SIGKILL)

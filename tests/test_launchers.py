@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import inspect
 import os
@@ -38,7 +37,6 @@ def _torchx(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-@functools.lru_cache(maxsize=None)
 def dryrun_k8s(component: str, *args: str) -> dict:
     """The Volcano Job that ``torchx run -s kubernetes`` would submit (parsed from the dry run)."""
     proc = _torchx("run", "--workspace", "", "--dryrun", "-s", "kubernetes", "-cfg", "queue=trec,namespace=trec",
@@ -80,11 +78,6 @@ def test_train_component_runs_trec_train_under_torchrun():
     assert role.resource.gpu == 4
 
 
-def test_train_component_help_is_its_docstring():
-    doc = load_components().train.__doc__
-    assert "max_restarts" in doc and "Args:" in doc
-
-
 @pytest.mark.parametrize("name", ["train", "export", "evaluate", "tensorboard"])
 def test_every_parameter_is_typed_and_documented(name):
     fn = getattr(load_components(), name)
@@ -97,7 +90,7 @@ def test_every_parameter_is_typed_and_documented(name):
     assert inspect.signature(fn).return_annotation.__name__ == "AppDef"
 
 
-@pytest.mark.parametrize("name", ["train", "export", "evaluate"])
+@pytest.mark.parametrize("name", ["export", "evaluate"])
 def test_trec_jobs_share_one_signature(name):
     components = load_components()
     assert list(inspect.signature(getattr(components, name)).parameters)[:-1] == \

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from training import kill_after_checkpoint, model_weights, trec_command
+from training import kill_after_checkpoint, model_weights, run_command, trec_command
 
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -44,17 +43,11 @@ def ranker_command(run_dir: Path, data: Path, retriever: Path) -> list[str]:
                         *ranker_overrides(retriever))
 
 
-def run(command: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return proc
-
-
 @pytest.fixture(scope="module")
 def retriever(tmp_path_factory, ml100k_prepared) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "two_tower"
-    run(trec_command(1, "train", "--config", "configs/movielens_two_tower.yaml", "--data", ml100k_prepared,
-                     "--run-dir", run_dir, *TWO_TOWER))
+    run_command(trec_command(1, "train", "--config", "configs/movielens_two_tower.yaml", "--data", ml100k_prepared,
+                             "--run-dir", run_dir, *TWO_TOWER))
     return run_dir
 
 
@@ -62,7 +55,7 @@ def retriever(tmp_path_factory, ml100k_prepared) -> Path:
 def ranker(tmp_path_factory, ml100k_prepared, retriever) -> Path:
     """An uninterrupted 2-rank ranker run of STEPS steps."""
     run_dir = tmp_path_factory.mktemp("runs") / "dcn"
-    proc = run(ranker_command(run_dir, ml100k_prepared, retriever))
+    proc = run_command(ranker_command(run_dir, ml100k_prepared, retriever))
     assert "hard negatives: mined the top 20 non-train items" in proc.stderr
     return run_dir
 
@@ -89,7 +82,7 @@ def test_ranker_resumes_after_kill_with_identical_weights(ranker, retriever, ml1
     interrupted_at = kill_after_checkpoint(ranker_command(run_dir, ml100k_prepared, retriever), run_dir)
     assert interrupted_at is not None and interrupted_at.name != f"step-{STEPS}", "the kill came too late"
 
-    resumed = run(ranker_command(run_dir, ml100k_prepared, retriever))
+    resumed = run_command(ranker_command(run_dir, ml100k_prepared, retriever))
     assert "resumed from" in resumed.stderr
     assert "hard negatives: reusing" in resumed.stderr  # the cache is part of the run, not mined again
     final, reference = run_dir / "checkpoints" / f"step-{STEPS}", ranker / "checkpoints" / f"step-{STEPS}"
@@ -172,9 +165,9 @@ def test_two_stage_matches_brute_force(ranker, retriever, ml100k_prepared):
         excluded = ["train", "val"]
         generate, items = exact_candidates(two_tower, dataset, excluded, ctx)
         score = ranker_of(dcn, dataset, ctx)
-        metrics = evaluate_two_stage(generate, score, dataset, "test", excluded, [k], n, two_tower.cfg.data, 1000,
+        metrics = evaluate_two_stage(generate, score, dataset, "test", [k], n, two_tower.cfg.data, 1000,
                                      ctx, items)
-        blended = evaluate_two_stage(generate, score, dataset, "test", excluded, [k], n, two_tower.cfg.data, 1000,
+        blended = evaluate_two_stage(generate, score, dataset, "test", [k], n, two_tower.cfg.data, 1000,
                                      ctx, items, retrieval_weight=WEIGHT)
 
         with torch.no_grad():

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 
 import pytest
 import torch
 
-from training import STEPS, model_weights, scalar_steps, train_command
+from training import STEPS, model_weights, run_command, scalar_steps, train_command
 
 from trec.checkpoint import latest_checkpoint
 
@@ -84,9 +83,7 @@ def test_two_rank_checkpoint_evaluates_identically_on_one_rank(full_run, run_tre
 def test_two_rank_checkpoint_resumes_training_on_one_rank(full_run, ml100k_prepared, tmp_path):
     run_dir = tmp_path / "one_rank"
     shutil.copytree(full_run, run_dir)
-    proc = subprocess.run(train_command(run_dir, ml100k_prepared, "training.max_steps=45", nproc=1),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    proc = run_command(train_command(run_dir, ml100k_prepared, "training.max_steps=45", nproc=1), timeout=600)
     assert "resuming a 2-rank checkpoint on 1 ranks" in proc.stderr
     state = json.loads((run_dir / "checkpoints" / "step-45" / "trainer_state.json").read_text())
     assert state["step"] == 45 and state["world_size"] == 1
@@ -102,9 +99,7 @@ def test_half_written_checkpoints_are_never_picked(full_run, ml100k_prepared, tm
     (checkpoints / "step-50" / ".metadata").unlink()
     assert latest_checkpoint(checkpoints).name == "step-40"
 
-    proc = subprocess.run(train_command(run_dir, ml100k_prepared, "training.max_steps=45"),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    proc = run_command(train_command(run_dir, ml100k_prepared, "training.max_steps=45"), timeout=600)
     assert f"resumed from {checkpoints / 'step-40'}" in proc.stderr
     assert not (checkpoints / ".step-45.tmp").exists()  # the interrupted save was cleaned up
     assert latest_checkpoint(checkpoints).name == "step-45"
@@ -120,11 +115,8 @@ def test_half_written_checkpoints_are_never_picked(full_run, ml100k_prepared, tm
 ], ids=["hard", "mixed", "popular", "in-batch", "bce", "plain-pipeline"])
 def test_every_loss_and_negative_strategy_trains(ml100k_prepared, tmp_path, overrides):
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        train_command(run_dir, ml100k_prepared, "training.max_steps=6", "checkpoint.every_steps=0",
-                      "evaluation.max_users=50", "logging.projector_items=0", *overrides, nproc=1),
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    run_command(train_command(run_dir, ml100k_prepared, "training.max_steps=6", "checkpoint.every_steps=0",
+                              "evaluation.max_users=50", "logging.projector_items=0", *overrides, nproc=1),
+                timeout=600)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["step"] == 6 and 0.0 <= metrics["ndcg@10"] <= 1.0
