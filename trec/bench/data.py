@@ -6,15 +6,14 @@ and times :class:`trec.data.InteractionReader` producing ``--batches`` batches o
 two-tower task adds), and with 2 ranks reading concurrently in two processes (figures per
 rank). samples/s counts labelled rows; MB/s counts the bytes of the batch tensors (dense,
 KJT values and lengths, labels, ratings); samples/CPU-s divides by the reader process's CPU
-time instead of wall time, a figure that does not move with the load of a shared machine. The training step rate of the same batch size comes
-from ``trec.bench.train.step_rate`` when the trainer provides it.
+time instead of wall time, a figure that does not move with the load of a shared machine. The
+training step rate of the same batch size comes from ``trec.bench.train.step_rate``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import multiprocessing
 import os
 import platform
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from trec.errors import TrecError
+from trec.io import atomic_write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,18 +99,8 @@ def _measure_star(arguments: tuple) -> dict:
     return measure(*arguments)
 
 
-def _train_step_rate(dataset, batch_size: int) -> float | None:
-    try:
-        from trec.bench.train import step_rate
-    except (ImportError, AttributeError):
-        return None
-    try:
-        return step_rate(dataset, batch_size)
-    except (ImportError, AttributeError, NotImplementedError):
-        return None
-
-
 def run(args: argparse.Namespace) -> int:
+    from trec.bench.train import step_rate
     from trec.data import PreparedDataset
 
     path = _dataset_dir(args)
@@ -127,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         per_rank = pool.map(_measure_star, [(*common, r, 2, args.history_max_len, 0, args.prefetch) for r in (0, 1)])
     rows += [(f"reader, 2 ranks: rank {r['rank']}", r) for r in per_rank]
-    steps = _train_step_rate(dataset, args.batch_size)
+    steps = step_rate(dataset, args.batch_size)
     _print_table(rows, steps, args.batch_size)
     if args.json:
         payload = {
@@ -137,22 +127,18 @@ def run(args: argparse.Namespace) -> int:
             "history_max_len": args.history_max_len,
             "results": [{"name": name, **result} for name, result in rows],
             "train_steps_per_s": steps,
-            "train_samples_per_s": None if steps is None else steps * args.batch_size,
+            "train_samples_per_s": steps * args.batch_size,
         }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        atomic_write_json(Path(args.json), payload)
     return 0
 
 
-def _print_table(rows: list[tuple[str, dict]], steps: float | None, batch_size: int) -> None:
+def _print_table(rows: list[tuple[str, dict]], steps: float, batch_size: int) -> None:
     width = max(len(name) for name, _ in rows + [("training step (same batch size)", {})])
     print(f"{'':<{width}}  {'samples/s':>11}  {'MB/s':>8}  {'batches/s':>9}  {'samples/CPU-s':>13}")
     for name, result in rows:
         print(f"{name:<{width}}  {result['samples_per_s']:>11,.0f}  {result['mb_per_s']:>8.1f}  "
               f"{result['batches'] / result['seconds']:>9.1f}  {result['samples_per_cpu_s']:>13,.0f}")
     name = "training step (same batch size)"
-    if steps is None:
-        print(f"{name:<{width}}  n/a (trainer not available)")
-    else:
-        print(f"{name:<{width}}  {steps * batch_size:>11,.0f}  {'':>8}  {steps:>9.2f}")
-        print(f"reader / trainer samples/s: {rows[0][1]['samples_per_s'] / (steps * batch_size):.1f}x")
+    print(f"{name:<{width}}  {steps * batch_size:>11,.0f}  {'':>8}  {steps:>9.2f}")
+    print(f"reader / trainer samples/s: {rows[0][1]['samples_per_s'] / (steps * batch_size):.1f}x")

@@ -27,6 +27,7 @@ import numpy as np
 from trec.config import ExportConfig
 from trec.errors import TrecError
 from trec.export.backend import faiss_module, faiss_version
+from trec.export.build import choose_sample
 from trec.export.kinds import add_vectors, index_spec, set_search_params, train_template
 from trec.export.parts import part_paths, read_embedding_parts
 from trec.io import atomic_write_json
@@ -144,9 +145,7 @@ def build(kind: str, cfg: ExportConfig, vectors: np.ndarray, seed: int):
 
     Returns (index, spec, seconds): training on a seeded sample plus adding every vector."""
     cfg = replace(cfg, index=kind)
-    rng = np.random.default_rng(seed)
-    rows = np.arange(len(vectors)) if len(vectors) <= cfg.train_sample else np.sort(
-        rng.choice(len(vectors), cfg.train_sample, replace=False))
+    rows = choose_sample(np.arange(len(vectors)), cfg.train_sample, seed)
     spec = index_spec(cfg, vectors.shape[1], len(vectors), len(rows))
 
     def train_and_add():

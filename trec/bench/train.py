@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from trec.config import IdMapping, PrepareConfig, TrecConfig, load_config
+from trec.io import atomic_write_json
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synthetic_large_two_tower.yaml"
 TARGETS = {"sparse_baseline": 5.0, "dense_baseline": 100.0}
@@ -214,7 +215,6 @@ def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
 def step_rate(dataset, batch_size: int, steps: int = 20, warmup: int = 3) -> float:
     """trec training steps/s of the benchmark model on ``dataset`` at ``batch_size`` (1 rank)."""
     from trec.distributed import distributed_session
-    from trec.trainer import build_sharded_task  # noqa: F401  (fail early if the trainer is missing)
 
     cfg = bench_config(batch_size, 64)
     with distributed_session(seed=0, log_level="WARNING") as ctx:
@@ -294,8 +294,7 @@ def run(args: argparse.Namespace) -> int:
     report = _report(results, embedding_only, args, bandwidth, rows)
     print(report["table"])
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=2) + "\n")
+        atomic_write_json(Path(args.json), {k: v for k, v in report.items() if k != "table"})
     return 0
 
 
