@@ -192,13 +192,19 @@ def _batches(path: Path, columns: list[str] | None = None) -> Iterator[tuple[pa.
 # ---- pass 2: map -----------------------------------------------------------------------------
 
 
-def _id_indices(mapping: Mapping, values: pa.Array, min_count: int) -> np.ndarray:
-    """Indices of raw user/item IDs; -1 for IDs dropped by min_count."""
+def _rare_ids(mapping: Mapping, min_count: int) -> pa.Array | None:
+    """Raw IDs a hash mapping drops for min_count (a vocab leaves them out itself); None: none dropped."""
+    if mapping.kind == "vocab" or min_count <= 1:
+        return None
+    return mapping.counts.filter(pc.less(mapping.counts["count"], min_count))["raw"].combine_chunks()
+
+
+def _id_indices(mapping: Mapping, values: pa.Array, rare: pa.Array | None) -> np.ndarray:
+    """Indices of raw user/item IDs; -1 for IDs dropped by min_count (``rare``, from :func:`_rare_ids`)."""
     if mapping.kind == "vocab":
         return mapping.lookup(values, unknown=-1)
     indices = mapping.lookup(values)
-    if min_count > 1:
-        rare = mapping.counts.filter(pc.less(mapping.counts["count"], min_count))["raw"].combine_chunks()
+    if rare is not None:
         indices[pc.is_in(values, value_set=rare).to_numpy(zero_copy_only=False)] = -1
     return indices
 
@@ -209,10 +215,11 @@ def _map(staged: _Staged, ids: dict[str, Mapping], context: dict[str, Mapping], 
     rows = 0
     pair_keys: list[np.ndarray] = []
     num_items = ids[L.ITEM_ID].size
+    rare_users, rare_items = (_rare_ids(ids[name], options.min_count) for name in (L.USER_ID, L.ITEM_ID))
     try:
         for table, _ in _batches(staged.path):
-            users = _id_indices(ids[L.USER_ID], table["user"].combine_chunks(), options.min_count)
-            items = _id_indices(ids[L.ITEM_ID], table["item"].combine_chunks(), options.min_count)
+            users = _id_indices(ids[L.USER_ID], table["user"].combine_chunks(), rare_users)
+            items = _id_indices(ids[L.ITEM_ID], table["item"].combine_chunks(), rare_items)
             keep = (users >= 0) & (items >= 0)
             columns = {L.USER_ID: users[keep], L.ITEM_ID: items[keep],
                        L.TIMESTAMP: table["timestamp"].to_numpy()[keep]}

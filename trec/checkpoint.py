@@ -98,17 +98,16 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def _restore_rng(path: Path, ctx: DistContext, seed: int, step: int) -> None:
+def _restore_rng(path: Path, ctx: DistContext, seed: int, state: TrainerState) -> None:
     """Restore this rank's RNG; on a different world size, reseed deterministically instead."""
     file = path / f"rng-rank-{ctx.rank}.pt"
-    state = read_trainer_state(path)
     if state.world_size == ctx.world_size and file.is_file():
         saved = torch.load(file, weights_only=True)
         torch.set_rng_state(saved["torch"])
         if "cuda" in saved and torch.cuda.is_available():
             torch.cuda.set_rng_state(saved["cuda"])
     else:
-        torch.manual_seed(seed + 1_000_003 * step + ctx.rank)
+        torch.manual_seed(seed + 1_000_003 * state.step + ctx.rank)
 
 
 class Checkpointer:
@@ -163,7 +162,7 @@ class Checkpointer:
         model.load_state_dict(state_dict["model"])
         optimizer.load_state_dict(state_dict["optimizer"])
         state = read_trainer_state(path)
-        _restore_rng(path, self.ctx, seed, state.step)
+        _restore_rng(path, self.ctx, seed, state)
         logger.info("checkpoint: resumed from %s (step %d, saved on %d ranks)", path, state.step, state.world_size)
         return state
 

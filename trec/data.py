@@ -227,8 +227,6 @@ class PreparedDataset:
         self._numeric: dict[str, np.ndarray] = {}
         self._history: _Csr | None = None
         self._raw_cache: dict[str, pa.Table] = {}
-        self.item_counts = np.zeros(self.num_items, np.int64)
-        self.user_counts = np.zeros(self.num_users, np.int64)
         self._titles: list[str] | None = None
         self._load_tables()
 
@@ -262,7 +260,7 @@ class PreparedDataset:
             expected = self.num_users if entity == "user" else self.num_items
             if table.num_rows != expected:
                 raise TrecError(f"{self.path / file}: {table.num_rows} rows, manifest says {expected}")
-            counts = table[L.TRAIN_COUNT].to_numpy().astype(np.int64)
+            counts = table[L.TRAIN_COUNT].to_numpy().astype(np.int64)  # training rows per user / item
             if entity == "user":
                 self.user_counts = counts
             else:

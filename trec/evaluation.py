@@ -21,14 +21,14 @@ import torch
 import torch.distributed as dist
 
 from trec.config import DataConfig, EvaluationConfig
-from trec.data import PreparedDataset, RecBatch, iter_index_batches
+from trec.data import PreparedDataset, RecBatch, gather_ranges, iter_index_batches
 from trec.distributed import DistContext
 from trec.metrics import RankingAccumulator, topk_hits
 
 logger = logging.getLogger("trec")
 
 # Scores of at most this many (user, item) pairs are materialised at once.
-_SCORE_CHUNK_ELEMENTS = 1 << 25
+SCORE_CHUNK_ELEMENTS = 1 << 25
 
 
 def csr_pairs(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -38,9 +38,7 @@ def csr_pairs(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tupl
     """
     starts = offsets[rows]
     lengths = offsets[rows + 1] - starts
-    positions = np.repeat(np.arange(len(rows)), lengths)
-    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return positions, values[np.repeat(starts, lengths) + within]
+    return np.repeat(np.arange(len(rows)), lengths), gather_ranges(values, starts, lengths)
 
 
 def entity_batches(
@@ -68,16 +66,19 @@ def entity_batches(
 
 
 @torch.no_grad()
-def encode_all_items(encode: Callable[[RecBatch], torch.Tensor], dataset, batch_size, ctx, history_max_len) -> torch.Tensor:
-    """``I X D`` embeddings of the whole catalog, identical on every rank."""
-    ids = np.arange(dataset.num_items, dtype=np.int64)
+def encode_all_items(encode: Callable[[RecBatch], torch.Tensor], dataset, batch_size, ctx, history_max_len,
+                     ids: np.ndarray | None = None) -> torch.Tensor:
+    """``N X D`` embeddings of the sorted item indices ``ids`` (default the whole catalog: ``I X D``),
+    identical on every rank."""
+    ids = np.arange(dataset.num_items, dtype=np.int64) if ids is None else ids
     table = None
     for selected, batch in entity_batches(dataset, ids, "item", batch_size, ctx, history_max_len):
         vectors = encode(batch)
         if table is None:
-            table = torch.zeros(dataset.num_items, vectors.shape[1], device=ctx.device)
-        real = torch.as_tensor(selected >= 0, device=ctx.device)
-        table[torch.as_tensor(selected, device=ctx.device)[real]] = vectors[real]
+            table = torch.zeros(len(ids), vectors.shape[1], device=ctx.device)
+        real = selected >= 0
+        rows = torch.as_tensor(np.searchsorted(ids, selected[real]), device=ctx.device)
+        table[rows] = vectors[torch.as_tensor(real, device=ctx.device)]
     if table is None:  # this rank had no batch at all (cannot happen with num_items > 0)
         raise RuntimeError("no item batches were encoded")
     if dist.is_initialized() and ctx.world_size > 1:
@@ -210,7 +211,7 @@ def evaluate_retrieval(
         real = selected >= 0
         embeddings = user_encoder(batch)[torch.as_tensor(real, device=ctx.device)]
         batch_users = selected[real]
-        chunk = max(1, _SCORE_CHUNK_ELEMENTS // max(num_items, 1))
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // max(num_items, 1))
         for start in range(0, len(batch_users), chunk):
             rows = batch_users[start : start + chunk]
             queries = embeddings[start : start + chunk]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -65,6 +66,10 @@ class RunDir:
         atomic_write_json(self.metrics, previous | {prefix + key: value for key, value in metrics.items()})
 
 
+def total_training_steps(cfg: TrecConfig, steps_per_epoch: int) -> int:
+    return cfg.training.max_steps or cfg.training.epochs * steps_per_epoch
+
+
 def build_sharded_task(cfg: TrecConfig, dataset: PreparedDataset, ctx: DistContext, train: bool) -> tuple[nn.Module, nn.Module]:
     """(DMP-wrapped task, the unwrapped task) for ``cfg.model`` on ``dataset``.
 
@@ -85,6 +90,11 @@ def evaluation_splits(dataset: PreparedDataset) -> tuple[str | None, list[str]]:
     return validation, ["train"] + (["val"] if validation else [])
 
 
+def excluded_splits(dataset: PreparedDataset, split: str) -> list[str]:
+    """Splits whose items are left out when ranking for ``split``: everything before test, or train."""
+    return evaluation_splits(dataset)[1] if split == "test" else ["train"]
+
+
 class Trainer:
     """Runs ``fit`` for one task; build it with :meth:`Trainer.build`."""
 
@@ -100,7 +110,7 @@ class Trainer:
         self.optimizer = optimizer
         self.checkpointer: Checkpointer = checkpointer
         self.steps_per_epoch = len(reader)
-        self.total_steps = cfg.training.max_steps or cfg.training.epochs * self.steps_per_epoch
+        self.total_steps = total_training_steps(cfg, self.steps_per_epoch)
         self.metric = cfg.training.early_stopping_metric or spec.default_metric
         self.validation_split, self.test_exclusions = evaluation_splits(dataset)
         self.state = TrainerState(world_size=ctx.world_size)
@@ -135,8 +145,7 @@ class Trainer:
             raise TrecError(
                 f"{cfg.data.path}: the train split has fewer rows per rank than data.batch_size={cfg.data.batch_size}"
             )
-        total_steps = cfg.training.max_steps or cfg.training.epochs * len(reader)
-        optimizer = build_optimizer(model, cfg.optimizer, total_steps)
+        optimizer = build_optimizer(model, cfg.optimizer, total_training_steps(cfg, len(reader)))
         checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint, ctx)
         return cls(cfg, run, ctx, dataset, spec, model, task, reader, optimizer, checkpointer)
 
@@ -226,9 +235,8 @@ class Trainer:
         stop = False
         if self.validation_split and ((every and step % every == 0) or (not every and epoch_end)):
             stop = self._validate()
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < self.total_steps:
-            self._save(f"step-{step}")
-        if stop:
+        periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < self.total_steps
+        if stop or periodic:  # once, even when early stopping lands on a periodic step
             self._save(f"step-{step}")
         return stop
 
@@ -333,14 +341,17 @@ class Trainer:
             return
         from trec.evaluation import encode_all_items
 
+        popular = torch.as_tensor(self.dataset.item_counts).argsort(descending=True)[:count].numpy()
+        ids = np.sort(popular)  # only these are encoded, not the whole catalog
         self.model.eval()
-        items = encode_all_items(encode, self.dataset, self.cfg.data.eval_batch_size, self.ctx, self.cfg.data.history_max_len)
+        items = encode_all_items(encode, self.dataset, self.cfg.data.eval_batch_size, self.ctx,
+                                 self.cfg.data.history_max_len, ids)
         self.model.train()
-        popular = torch.as_tensor(self.dataset.item_counts).argsort(descending=True)[:count]
         titles = self.dataset.item_titles()
         raw = self.dataset.raw_ids("item_id")
         labels = [str(titles[i]) if titles else str(raw[i]) for i in popular.tolist()]
-        self.tb.projector(items[popular.to(items.device)], labels, self.state.step)
+        self.tb.projector(items[torch.as_tensor(np.searchsorted(ids, popular), device=items.device)], labels,
+                          self.state.step)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -19,8 +19,6 @@ the ceiling of any re-ranking.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -34,7 +32,8 @@ import torch.distributed as dist
 from trec.data import PreparedDataset, RecBatch
 from trec.distributed import DistContext, barrier
 from trec.errors import TrecError
-from trec.evaluation import csr_pairs, encode_all_items, entity_batches, evaluated_users
+from trec.evaluation import SCORE_CHUNK_ELEMENTS, csr_pairs, encode_all_items, entity_batches, evaluated_users
+from trec.io import atomic_path
 from trec.metrics import RankingAccumulator, topk_hits
 from trec.runs import TrainedRun, load_trained_run, two_tower_of
 
@@ -48,10 +47,6 @@ batch, the same number of times."""
 
 Scorer = Callable[[np.ndarray, np.ndarray], torch.Tensor]
 """(users (M,), items (M,)) → (M,) ranker scores. Collective: M is the same on every rank."""
-
-# Scores of at most this many (user, item) pairs are materialised at once.
-_SCORE_CHUNK_ELEMENTS = 1 << 25
-
 
 # --------------------------------------------------------------------------------------------
 # loading runs
@@ -107,7 +102,7 @@ def exact_candidates(retriever: TrainedRun, dataset: PreparedDataset, exclude_sp
     def generate(users: np.ndarray, batch: RecBatch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         embeddings = tower.user_embeddings(batch)
         found, scores = [], []
-        chunk = max(1, _SCORE_CHUNK_ELEMENTS // max(num_items, 1))
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // max(num_items, 1))
         for start in range(0, len(users), chunk):
             rows = users[start : start + chunk]
             block = embeddings[start : start + chunk] @ items.T
@@ -187,13 +182,13 @@ def rerank(score: Scorer, users: np.ndarray, candidates: torch.Tensor, candidate
 
 @torch.no_grad()
 def evaluate_two_stage(generate: CandidateGenerator, score: Scorer, dataset: PreparedDataset, split: str,
-                       exclude_splits: Sequence[str], ks: Sequence[int], num_candidates: int, retriever_data_cfg,
+                       ks: Sequence[int], num_candidates: int, retriever_data_cfg,
                        ranker_batch_rows: int, ctx: DistContext, item_embeddings: torch.Tensor | None = None,
                        max_users: int = 0, seed: int = 0, retrieval_weight: float = 0.0) -> dict[str, float]:
     """Retrieval-only and two-stage top-K metrics on ``split`` (collective).
 
     Args:
-        generate: candidate generator (``exclude_splits`` must already be applied by it).
+        generate: candidate generator (it leaves out the items of the splits before ``split``).
         score: the ranker's scorer.
         ks: cut-offs (each <= num_candidates); ``retrieval/`` also gets num_candidates itself.
         retriever_data_cfg: the retrieval run's ``data`` section (user batches, history length).
@@ -247,22 +242,25 @@ def evaluate_two_stage_runs(retrieval_dir: Path, ranker_dir: Path, ctx: DistCont
     exclusions (train and val for test, train otherwise). ``make_generator(retriever, dataset,
     exclude_splits, ctx) -> CandidateGenerator`` replaces exact retrieval (e.g. a FAISS index).
     """
-    from trec.trainer import evaluation_splits
+    from trec.trainer import excluded_splits
 
     ranker = load_trained_run(Path(ranker_dir), ctx, overrides)
     dataset = ranker.dataset
     score = ranker_of(ranker, dataset, ctx)
     if not dataset.has_split(split):
         raise TrecError(f"{dataset.path}: no '{split}' split")
-    _, test_exclusions = evaluation_splits(dataset)
-    exclusions = test_exclusions if split == "test" else ["train"]
+    exclusions = excluded_splits(dataset, split)
     retriever = load_run(Path(retrieval_dir), dataset, ctx)
-    generate, items = exact_candidates(retriever, dataset, exclusions, ctx)
-    if make_generator is not None:
+    if make_generator is None:
+        generate, items = exact_candidates(retriever, dataset, exclusions, ctx)
+    else:
         generate = make_generator(retriever, dataset, exclusions, ctx)
+        data_cfg = retriever.cfg.data
+        items = encode_all_items(two_tower_of(retriever).item_embeddings, dataset, data_cfg.eval_batch_size, ctx,
+                                 data_cfg.history_max_len)
     evaluation, weight = ranker.cfg.evaluation, ranker.cfg.model.dcn.retrieval_weight
     metrics = evaluate_two_stage(
-        generate, score, dataset, split, exclusions, evaluation.ks, num_candidates,
+        generate, score, dataset, split, evaluation.ks, num_candidates,
         retriever.cfg.data, ranker.cfg.data.eval_batch_size, ctx, items, evaluation.max_users, ranker.cfg.training.seed,
         weight,
     )
@@ -336,15 +334,8 @@ def _write_hard_candidates(path: Path, offsets: np.ndarray, items: np.ndarray, s
     lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int64()).cast(pa.int32()), pa.array(items, pa.int64()))
     table = pa.table({"user": pa.array(np.arange(len(offsets) - 1), pa.int64()), "items": lists})
     table = table.replace_schema_metadata(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # readers see the whole file or none
         pq.write_table(table, tmp)
-        os.replace(tmp, path)  # readers see the whole file or none
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _read_hard_candidates(path: Path, settings: dict[str, str], num_users: int):

@@ -38,3 +38,21 @@ def add_run_dir_flag(parser: argparse.ArgumentParser, required: bool = True) -> 
         metavar="DIR",
         help="training run directory (config.yaml, checkpoints/, tb/, metrics.json)",
     )
+
+
+def add_index_search_flags(parser: argparse.ArgumentParser) -> None:
+    """--nprobe / --ef-search: how hard a FAISS export is searched (see :func:`load_index`)."""
+    parser.add_argument("--nprobe", type=int, help="IVF lists visited per query (default: the export's)")
+    parser.add_argument("--ef-search", type=int, help="HNSW candidate list size (default: the export's)")
+
+
+def load_index(args: argparse.Namespace):
+    """The --index export as a ShardedIndex, with --nprobe / --ef-search applied."""
+    from trec.export import ShardedIndex
+
+    index = ShardedIndex.load(args.index)
+    if args.nprobe:
+        index.nprobe = args.nprobe
+    if args.ef_search:
+        index.ef_search = args.ef_search
+    return index

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trec.commands import add_run_dir_flag
+from trec.commands import add_index_search_flags, add_run_dir_flag, load_index
 
 
 def register(subparsers) -> None:
@@ -22,8 +22,7 @@ def register(subparsers) -> None:
                         help="also rank through this FAISS export of the run (trec export --out): index/... metrics "
                         "beside the exact ones, and the index's ANN recall@K against exact search; with "
                         "--ranker-run-dir, the candidates are retrieved through the index")
-    parser.add_argument("--nprobe", type=int, help="with --index: IVF lists visited per query (default: the export's)")
-    parser.add_argument("--ef-search", type=int, help="with --index: HNSW candidate list size (default: the export's)")
+    add_index_search_flags(parser)  # with --index
     parser.add_argument("--ranker-run-dir", metavar="DIR",
                         help="two-stage: --run-dir (a two-tower) retrieves --candidates items per user, this ranker "
                         "run re-ranks them; retrieval-only and two-stage metrics go side by side into DIR/metrics.json "
@@ -41,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from trec.metrics import format_metrics, format_ranking_table
     from trec.models import model_spec
     from trec.runs import load_trained_run, run_config, two_tower_of
-    from trec.trainer import evaluation_splits
+    from trec.trainer import excluded_splits
 
     cfg = run_config(Path(args.run_dir), args.set_overrides)
     index = load_index(args) if args.index else None
@@ -49,8 +48,7 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_trained_run(Path(args.run_dir), ctx, args.set_overrides)
         if not loaded.dataset.has_split(args.split):
             raise TrecError(f"{cfg.data.path}: no '{args.split}' split")
-        _, test_exclusions = evaluation_splits(loaded.dataset)
-        exclusions = test_exclusions if args.split == "test" else ["train"]
+        exclusions = excluded_splits(loaded.dataset, args.split)
         extra = {}
         if index is not None:
             two_tower_of(loaded)
@@ -72,18 +70,6 @@ def run(args: argparse.Namespace) -> int:
 def split_prefix(split: str) -> str:
     """Test metrics keep the plain keys (``ndcg@10``); other splits' are prefixed (``val/ndcg@10``)."""
     return "" if split == "test" else f"{split}/"
-
-
-def load_index(args: argparse.Namespace):
-    """The --index export, with --nprobe / --ef-search applied."""
-    from trec.export import ShardedIndex
-
-    index = ShardedIndex.load(args.index)
-    if args.nprobe:
-        index.nprobe = args.nprobe
-    if args.ef_search:
-        index.ef_search = args.ef_search
-    return index
 
 
 def run_two_stage(args: argparse.Namespace) -> int:

@@ -31,19 +31,15 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from data_pipeline import layout as L
-    from trec.config import load_config
     from trec.data import PreparedDataset
     from trec.distributed import distributed_session
     from trec.errors import TrecError
-    from trec.trainer import RunDir
+    from trec.runs import run_config
     from trec.two_stage import load_run, ranker_of, recommend_for_user
 
     if args.k < 1 or args.candidates < 1:
         raise TrecError(f"-k ({args.k}) and --candidates ({args.candidates}) must be positive")
-    retrieval = RunDir(Path(args.run_dir))
-    if not retrieval.config.is_file():
-        raise TrecError(f"{retrieval.config}: not found (is {retrieval.root} a trec run directory?)")
-    cfg = load_config(retrieval.config)
+    cfg = run_config(Path(args.run_dir))
     dataset = PreparedDataset.open(cfg.data.path)
     titles = dataset.item_titles()
     raw_items = dataset.raw_ids(L.ITEM_ID)
@@ -66,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     seen = [split for split in L.SPLITS if dataset.has_split(split)]
     with distributed_session(cfg.training.seed, cfg.training.device, "WARNING") as ctx:
-        retriever = load_run(retrieval.root, dataset, ctx)
+        retriever = load_run(Path(args.run_dir), dataset, ctx)
         score, weight = None, 0.0
         if args.ranker_run_dir:
             ranker = load_run(Path(args.ranker_run_dir), dataset, ctx)

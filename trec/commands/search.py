@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trec.commands import add_run_dir_flag
+from trec.commands import add_index_search_flags, add_run_dir_flag, load_index
 
 
 def register(subparsers) -> None:
@@ -19,8 +19,7 @@ def register(subparsers) -> None:
     add_run_dir_flag(parser)
     parser.add_argument("--user", required=True, metavar="ID", help="raw user ID, as in the source data")
     parser.add_argument("-k", type=int, default=10, help="items to return (default 10)")
-    parser.add_argument("--nprobe", type=int, help="IVF lists visited per query (default: the export's)")
-    parser.add_argument("--ef-search", type=int, help="HNSW candidate list size (default: the export's)")
+    add_index_search_flags(parser)
     parser.add_argument("--include-seen", action="store_true",
                         help="keep items the user already has in the training data")
     parser.set_defaults(func=run)
@@ -31,16 +30,12 @@ def run(args: argparse.Namespace) -> int:
 
     from trec.distributed import distributed_session
     from trec.errors import TrecError
-    from trec.export import ShardedIndex
     from trec.runs import load_trained_run, run_config, two_tower_of
+    from trec.trainer import excluded_splits
 
     if args.k < 1:
         raise TrecError(f"-k: expected a positive number, got {args.k}")
-    index = ShardedIndex.load(args.index)
-    if args.nprobe:
-        index.nprobe = args.nprobe
-    if args.ef_search:
-        index.ef_search = args.ef_search
+    index = load_index(args)
     cfg = run_config(Path(args.run_dir))
     with distributed_session(cfg.training.seed, cfg.training.device, "WARNING") as ctx:
         loaded = load_trained_run(Path(args.run_dir), ctx)
@@ -49,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         batch = dataset.build_batch(np.array([user]), np.array([-1]), np.zeros(1, dtype=np.float32),
                                     history_max_len=loaded.cfg.data.history_max_len)
         vector = two_tower_of(loaded).user_embeddings(batch.to(ctx.device)).detach().float().cpu().numpy()
-        offsets, seen_items = dataset.user_items(["train", "val"] if dataset.has_split("val") else ["train"])
+        offsets, seen_items = dataset.user_items(excluded_splits(dataset, "test"))
         seen = set() if args.include_seen else set(seen_items[offsets[user]:offsets[user + 1]].tolist())
         found = index.search(vector, args.k + len(seen))
         titles = dataset.item_titles()

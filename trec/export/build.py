@@ -34,6 +34,7 @@ from trec.export.kinds import IndexSpec, add_vectors, index_spec, train_template
 from trec.export.layout import EMBEDDINGS_DIR, IDS_FILE, INDEX_DIR, MANIFEST, shard_file
 from trec.export.manifest import read_manifest, write_manifest
 from trec.export.parts import KINDS, iter_embedding_batches, part_dimension, part_paths, part_rows
+from trec.io import atomic_path
 
 logger = logging.getLogger("trec")
 
@@ -152,10 +153,8 @@ def write_ids(path: Path, catalog: Catalog) -> None:
     """``index/ids.parquet``: columns ``index`` (sorted int64) and ``raw_id``, so search needs no parts."""
     raw_type = pa.int64() if catalog.raw_ids.dtype.kind in "iu" else pa.string()
     table = pa.table({"index": pa.array(catalog.indices, pa.int64()), "raw_id": pa.array(catalog.raw_ids, raw_type)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _together(what: str, step) -> None:
@@ -185,10 +184,8 @@ def build_shard(paths: list[Path], out_dir: Path, shard: int, num_shards: int, t
     if len(ids) != expected:
         raise TrecError(f"{shard_file(shard)}: read {len(ids)} vectors, rank 0 counted {expected} (parts changed during export?)")
     index = add_vectors(deserialize(template_bytes), ids, vectors, spec, device)
-    path = out_dir / shard_file(shard)
-    tmp = path.with_name(f".{path.name}.tmp")
-    faiss_module().write_index(index, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(out_dir / shard_file(shard)) as tmp:
+        faiss_module().write_index(index, str(tmp))
 
 
 def _embedding_listing(out_dir: Path) -> dict:
@@ -240,8 +237,6 @@ def _manifest_fields(plan: dict, out_dir: Path, num_shards: int, source: dict | 
 def build_sharded_index(
     export_dir: str | os.PathLike,
     cfg: ExportConfig,
-    rank: int | None = None,
-    world_size: int | None = None,
     *,
     normalized: bool | None = None,
     source: dict | None = None,
@@ -250,14 +245,14 @@ def build_sharded_index(
     """Collective: build ``index/shard-K.faiss``, ``index/ids.parquet`` and ``manifest.json`` in ``export_dir``.
 
     Call on every rank once every rank has written all its parts under ``export_dir/embeddings/``
-    (items, and users if exported: the manifest checksums every file present). ``rank`` and
-    ``world_size`` default to the process group's (or 0 and 1 without one). ``normalized``
+    (items, and users if exported: the manifest checksums every file present); ranks and world
+    size are the process group's (0 and 1 without one). ``normalized``
     records whether the vectors are unit length (None: measured on the training sample);
     ``source`` (e.g. ``{"checkpoint": ..., "config": ...}``) is stored as given. ``device="cuda"``
     trains and adds on the GPU where FAISS can; the files written are the same format.
     Returns the manifest (on every rank).
     """
-    rank, world_size = group_rank_world(rank, world_size)
+    rank, world_size = group_rank_world()
     out_dir = Path(export_dir)
     num_shards = cfg.num_shards or world_size
     if num_shards < 0:

@@ -12,24 +12,15 @@ import torch
 import torch.distributed as dist
 
 from trec.distributed import barrier  # noqa: F401  (re-exported: the one barrier helper)
-from trec.errors import TrecError
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def group_rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(rank, world size) of this process; explicit values must agree with the process group."""
-    actual = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
-    rank = actual[0] if rank is None else rank
-    world_size = actual[1] if world_size is None else world_size
-    if (rank, world_size) != actual:
-        raise TrecError(
-            f"export: called as rank {rank} of {world_size}, but the process group says rank "
-            f"{actual[0]} of {actual[1]} (initialise torch.distributed before a multi-rank export)"
-        )
-    return rank, world_size
+def group_rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process in the process group; (0, 1) without one."""
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 
 def _device() -> torch.device:

@@ -26,15 +26,12 @@ import pyarrow.parquet as pq
 from trec.errors import TrecError
 from trec.export.backend import check_device, faiss_module, num_gpus, to_gpu
 from trec.export.exact import exact_topk
-from trec.export.kinds import set_search_params
+from trec.export.kinds import IndexSpec, set_search_params
 from trec.export.layout import EMBEDDINGS_DIR, IDS_FILE
 from trec.export.manifest import read_manifest, verify_export
 from trec.export.parts import read_embedding_parts
 
 logger = logging.getLogger("trec")
-
-_GPU_KINDS = ("flat", "ivf_flat", "ivf_pq")
-
 
 class SearchResult(NamedTuple):
     """Top-k per query, best first; missing results (fewer than k items) are padded.
@@ -105,7 +102,8 @@ class ShardedIndex:
         device = check_device(device)
         shards = [cls._read_shard(root, name, manifest, count)
                   for name, count in zip(manifest["shard_files"], manifest["vectors_per_shard"])]
-        on_gpu = device == "cuda" and manifest["index_kind"] in _GPU_KINDS and not manifest["params"].get("pq_refine_factor")
+        spec = IndexSpec(manifest["index_kind"], manifest["dimension"], manifest["factory"], manifest["params"])
+        on_gpu = device == "cuda" and spec.gpu_capable
         if device == "cuda" and not on_gpu:
             logger.info("faiss: %s is searched on the CPU (FAISS has no GPU version of it)", manifest["factory"])
         if on_gpu:

@@ -68,7 +68,6 @@ class NumericArch(nn.Module):
         super().__init__()
         self.register_buffer("columns", torch.tensor(list(columns), dtype=torch.long), persistent=False)
         self.mlp = MLP(len(columns), [out_dim])
-        self.out_dim = out_dim
 
     def forward(self, dense_features: torch.Tensor) -> torch.Tensor:
         return self.mlp(dense_features.index_select(1, self.columns))
