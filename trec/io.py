@@ -72,6 +72,7 @@ def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"{final} already exists")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; the output is for readers too (serving, TensorBoard)
     try:
         yield tmp
         if final.exists():
@@ -85,6 +86,12 @@ def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
