@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from data_pipeline import layout as L
 from trec.config import PrepareConfig, SplitKind
 from trec.errors import TrecError
 
 TRAIN, VAL, TEST = 0, 1, 2
-SPLIT_NAMES = {TRAIN: "train", VAL: "val", TEST: "test"}
+SPLIT_NAMES = dict(enumerate(L.SPLITS))  # code → name, in the order of TRAIN, VAL, TEST
 
 
 def round_half_even(values: np.ndarray) -> np.ndarray:

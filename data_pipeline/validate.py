@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from trec.errors import TrecError
 
-_INT_PATTERN = r"^\s*[+-]?[0-9]+\s*$"
+INT_PATTERN = r"^\s*[+-]?[0-9]+\s*$"
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def to_int64(array: pa.Array, loc: Location, column: str) -> pa.Array:
             loc.fail(bad, column, f"{format_number(values[bad])} is not an integer")
         return pa.array(values.astype(np.int64))
     if pa.types.is_string(kind):
-        bad = _first_false(pc.match_substring_regex(array, _INT_PATTERN))
+        bad = _first_false(pc.match_substring_regex(array, INT_PATTERN))
         if bad is not None:
             loc.fail(bad, column, f"'{array[bad].as_py()}' is not an integer")
         # Arrow's cast rejects a leading '+', which the pattern (and Python's int()) accept.
@@ -169,14 +169,14 @@ def to_timestamp(array: pa.Array, loc: Location, column: str) -> np.ndarray:
 
     Negative times are rejected: they are almost always a unit or parsing mistake.
     """
-    _check_present(array, loc, column)
     kind = array.type
+    is_text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
     if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
+        _check_present(array, loc, column)
         seconds = pc.cast(array, pa.timestamp("s"), safe=False)
         values = seconds.cast(pa.int64()).to_numpy(zero_copy_only=False)
-    elif (pa.types.is_string(kind) or pa.types.is_large_string(kind)) and not pc.all(
-        pc.match_substring_regex(array.cast(pa.string()), _INT_PATTERN)
-    ).as_py():
+    elif is_text and not pc.all(pc.match_substring_regex(array.cast(pa.string()), INT_PATTERN)).as_py():
+        _check_present(array, loc, column)
         text = pc.utf8_trim_whitespace(array.cast(pa.string()))
         try:
             values = text.cast(pa.timestamp("s")).cast(pa.int64()).to_numpy()
@@ -188,7 +188,7 @@ def to_timestamp(array: pa.Array, loc: Location, column: str) -> np.ndarray:
                     loc.fail(offset, column, f"'{value}' is not an integer or ISO-8601 time")
             raise
     else:
-        values = to_int64(array, loc, column).to_numpy()
+        values = to_int64(array, loc, column).to_numpy()  # checks for missing values itself
     negative = np.flatnonzero(values < 0)
     if len(negative):
         loc.fail(negative[0], column, f"{values[negative[0]]} is out of range (must be >= 0)")

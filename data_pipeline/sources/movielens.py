@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 
 from data_pipeline.readers import TextFormat, check_columns, read_text, text_header
 from data_pipeline.sources import NUMERIC, RawFeature, Source
-from data_pipeline.validate import Location, check_range, check_rating, to_float64, to_int64, to_timestamp
+from data_pipeline.validate import (Location, check_range, check_rating, multi_hot_array, to_float64, to_int64,
+                                     to_timestamp)
 from trec.errors import TrecError
 
 ML100K_GENRES = (
@@ -209,8 +210,9 @@ class MovieLensSource(Source):
             genres = _genres_from_flags(np.stack(flags, axis=1), loc)
             year = release_year(titles, table["release_date"].combine_chunks())
         else:
-            genres = pc.split_pattern(table["genres"].combine_chunks(), "|")
-            genres = _drop_no_genre(genres)
+            # ML-20M writes '(no genres listed)': an empty list, not a genre.
+            no_genre = pc.replace_substring(table["genres"].combine_chunks(), "(no genres listed)", "")
+            genres = multi_hot_array(no_genre, loc, "genres", "|")
             year = release_year(titles)
         return pa.table({
             "id": ids,
@@ -233,13 +235,3 @@ def _genres_from_flags(flags: np.ndarray, loc: Location) -> pa.Array:
     offsets = np.zeros(len(flags) + 1, np.int32)
     np.cumsum(flags.sum(axis=1), out=offsets[1:])
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.array(ML100K_GENRES, dtype=object)[cols], pa.string()))
-
-
-def _drop_no_genre(genres: pa.Array) -> pa.Array:
-    """ML-20M writes '(no genres listed)'; that is an empty list, not a genre."""
-    flat = pc.list_flatten(genres)
-    parents = pc.list_parent_indices(genres).to_numpy()
-    keep = pc.and_(pc.not_equal(flat, "(no genres listed)"), pc.not_equal(flat, "")).to_numpy(zero_copy_only=False)
-    offsets = np.zeros(len(genres) + 1, np.int32)
-    np.cumsum(np.bincount(parents[keep], minlength=len(genres)), out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), flat.filter(pa.array(keep)))

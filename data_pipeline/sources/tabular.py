@@ -17,9 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data_pipeline import layout as L
 from data_pipeline.readers import TextFormat, check_columns, display_names, read_parquet, read_text, resolve_files, text_header
 from data_pipeline.sources import CATEGORICAL, NUMERIC, RawFeature, Source
 from data_pipeline.validate import (
+    INT_PATTERN,
     Location,
     category_array,
     check_range,
@@ -100,7 +102,7 @@ class TabularSource(Source):
             raise TrecError(f"id_type must be auto, int or string, got '{columns.id_type}'")
 
     def _add_feature(self, feature: RawFeature, column: str) -> None:
-        reserved = {"user_id", "item_id", "user_history", "title", "train_count"}
+        reserved = {L.USER_ID, L.ITEM_ID, L.USER_HISTORY, L.TITLE, L.TRAIN_COUNT}
         if feature.name in reserved or column in (self.columns.user, self.columns.item):
             raise TrecError(f"feature column '{column}' clashes with a reserved name ({feature.name})")
         if feature.name in self._columns_of:
@@ -131,7 +133,7 @@ class TabularSource(Source):
         values = batch.column(column)
         if self.kind == "csv":
             if self._int_ids is None:  # auto: decided once, by the first batch of the first file
-                self._int_ids = bool(pc.all(pc.match_substring_regex(values, r"^\s*[+-]?[0-9]+\s*$")).as_py())
+                self._int_ids = bool(pc.all(pc.match_substring_regex(values, INT_PATTERN)).as_py())
             ids = to_int64(values, loc, column) if self._int_ids else id_array(values, loc, column)
         else:
             ids = id_array(values, loc, column)
