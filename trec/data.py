@@ -227,6 +227,7 @@ class PreparedDataset:
         self._numeric: dict[str, np.ndarray] = {}
         self._history: _Csr | None = None
         self._raw_cache: dict[str, pa.Table] = {}
+        self._user_items: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
         self._titles: list[str] | None = None
         self._load_tables()
 
@@ -364,15 +365,22 @@ class PreparedDataset:
         return pa.concat_tables(pq.read_table(f, columns=list(columns)) for f in files)
 
     def user_items(self, splits: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """CSR of each user's items over ``splits``: offsets (num_users+1,), items (sorted, unique per user)."""
-        if isinstance(splits, str):
-            splits = [splits]
-        keys = [self._pair_keys(split) for split in splits]
-        keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
-        users, items = np.divmod(keys, self.num_items)
-        offsets = np.zeros(self.num_users + 1, np.int64)
-        np.cumsum(np.bincount(users, minlength=self.num_users), out=offsets[1:])
-        return offsets, items.astype(np.int64)
+        """CSR of each user's items over ``splits``: offsets (num_users+1,), items (sorted, unique per user).
+
+        Built once per set of splits and kept (read-only): every validation asks for the same one.
+        """
+        splits = (splits,) if isinstance(splits, str) else tuple(splits)
+        if splits not in self._user_items:
+            keys = [self._pair_keys(split) for split in splits]
+            keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+            users, items = np.divmod(keys, self.num_items)
+            offsets = np.zeros(self.num_users + 1, np.int64)
+            np.cumsum(np.bincount(users, minlength=self.num_users), out=offsets[1:])
+            items = items.astype(np.int64)
+            for array in (offsets, items):
+                array.setflags(write=False)
+            self._user_items[splits] = offsets, items
+        return self._user_items[splits]
 
     def _pair_keys(self, split: str) -> np.ndarray:
         table = self.read_split(split)

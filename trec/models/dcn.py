@@ -338,14 +338,7 @@ def held_out_rows(dataset: PreparedDataset, split: str, cfg: DCNConfig,
     sampler = RankingNegativeSampler(known, dataset.num_items, cfg.eval_negatives, 0.0 if hard is None else 1.0)
     if hard is not None:
         sampler.set_hard_candidates(*hard)
-    negatives = sampler.negatives(users, np.random.default_rng(cfg.eval_seed)).reshape(-1)
-    count = len(negatives)
-    return (
-        np.concatenate([users, np.repeat(users, cfg.eval_negatives)]),
-        np.concatenate([items, negatives]),
-        np.concatenate([np.ones(len(users), np.float32), np.zeros(count, np.float32)]),
-        np.concatenate([ratings, np.zeros(count, np.float32)]),
-    )
+    return sampler(users, items, np.ones(len(users), np.float32), ratings, np.random.default_rng(cfg.eval_seed))
 
 
 @torch.no_grad()
