@@ -367,7 +367,8 @@ class PreparedDataset:
     def user_items(self, splits: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """CSR of each user's items over ``splits``: offsets (num_users+1,), items (sorted, unique per user).
 
-        Built once per set of splits and kept (read-only): every validation asks for the same one.
+        Built once per set of splits and kept (every validation asks for the same one): the arrays
+        are shared, so callers must not modify them.
         """
         splits = (splits,) if isinstance(splits, str) else tuple(splits)
         if splits not in self._user_items:
@@ -376,10 +377,7 @@ class PreparedDataset:
             users, items = np.divmod(keys, self.num_items)
             offsets = np.zeros(self.num_users + 1, np.int64)
             np.cumsum(np.bincount(users, minlength=self.num_users), out=offsets[1:])
-            items = items.astype(np.int64)
-            for array in (offsets, items):
-                array.setflags(write=False)
-            self._user_items[splits] = offsets, items
+            self._user_items[splits] = offsets, items.astype(np.int64)
         return self._user_items[splits]
 
     def _pair_keys(self, split: str) -> np.ndarray:
