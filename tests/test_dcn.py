@@ -153,3 +153,23 @@ def test_format_metrics_prints_scalar_metrics_without_a_ranking_table():
     assert "auc" in text and "0.9100" in text and "logloss" in text
     assert "val/auc" not in text and "train_seconds" not in text
     assert "ndcg@10" in format_metrics({"ndcg@10": 0.4, "popularity/ndcg@10": 0.2})
+
+
+def test_two_stage_refuses_a_run_on_another_dataset(ml100k, ml100k_prepared, tmp_path):
+    import shutil
+
+    from data_pipeline.prepare import prepare_dataset
+    from data_pipeline.sources.movielens import MovieLensSource
+    from trec.config import PrepareConfig
+    from trec.data import PreparedDataset
+    from trec.two_stage import check_same_dataset
+
+    dataset = PreparedDataset.open(ml100k_prepared)
+    where = tmp_path / "runs" / "dcn" / "config.yaml"
+    check_same_dataset(ml100k_prepared, dataset, where)  # the same directory
+    shutil.copytree(ml100k_prepared, tmp_path / "copy")
+    check_same_dataset(tmp_path / "copy", dataset, where)  # a copy of the same files
+    other = tmp_path / "other"  # the same source, split with another seed
+    prepare_dataset(MovieLensSource(str(ml100k)), other, PrepareConfig(test_fraction=0.25, val_fraction=0.1, seed=7))
+    with pytest.raises(TrecError, match=r"config.yaml: data.path .*other is not the dataset .* \(different files\)"):
+        check_same_dataset(other, dataset, where)

@@ -40,12 +40,16 @@ def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> TrecConfig:
     return load_config(run.config, overrides)
 
 
-def load_trained_run(run_dir: Path, ctx: DistContext, overrides: Sequence[str] = ()) -> TrainedRun:
-    """Rebuild the run's model on this world size and load its best (or newest) checkpoint (collective)."""
+def load_trained_run(run_dir: Path, ctx: DistContext, overrides: Sequence[str] = (),
+                     dataset: PreparedDataset | None = None) -> TrainedRun:
+    """Rebuild the run's model on this world size and load its best (or newest) checkpoint (collective).
+
+    ``dataset``: the run's dataset, already open (the caller has checked it is the run's).
+    """
     run = RunDir(Path(run_dir))
     cfg = run_config(run.root, overrides)
     checkpoint = checkpoint_for_inference(run.root)
-    dataset = PreparedDataset.open(cfg.data.path)
+    dataset = dataset or PreparedDataset.open(cfg.data.path)
     model, task = build_sharded_task(cfg, dataset, ctx, train=False)
     load_model_weights(checkpoint, model)
     model.eval()

@@ -35,7 +35,7 @@ from trec.errors import TrecError
 from trec.evaluation import SCORE_CHUNK_ELEMENTS, csr_pairs, encode_all_items, entity_batches, evaluated_users
 from trec.io import atomic_path
 from trec.metrics import RankingAccumulator, topk_hits
-from trec.runs import TrainedRun, load_trained_run, two_tower_of
+from trec.runs import TrainedRun, load_trained_run, run_config, two_tower_of
 
 logger = logging.getLogger("trec")
 
@@ -56,15 +56,16 @@ Scorer = Callable[[np.ndarray, np.ndarray], torch.Tensor]
 def load_run(run_dir: Path, dataset: PreparedDataset, ctx: DistContext, overrides: Sequence[str] = ()) -> TrainedRun:
     """:func:`trec.runs.load_trained_run`, checked to be trained on ``dataset`` (the same prepared
     files), since both stages share item and user indices (collective)."""
-    loaded = load_trained_run(Path(run_dir), ctx, overrides)
-    check_same_dataset(loaded.dataset, dataset, loaded.run.config)
-    return loaded
+    cfg = run_config(Path(run_dir), overrides)
+    check_same_dataset(Path(cfg.data.path), dataset, Path(run_dir) / "config.yaml")
+    return load_trained_run(Path(run_dir), ctx, overrides, dataset)
 
 
-def check_same_dataset(other: PreparedDataset, dataset: PreparedDataset, where: Path) -> None:
-    """TrecError unless ``other`` has the same files as ``dataset``."""
-    if other.path.resolve() == dataset.path.resolve():
+def check_same_dataset(path: Path, dataset: PreparedDataset, where: Path) -> None:
+    """TrecError unless the prepared dataset at ``path`` is ``dataset`` or a copy of its files."""
+    if path.resolve() == dataset.path.resolve():
         return
+    other = PreparedDataset.open(path)
     digest = {name: entry.get("sha256") for name, entry in other.manifest["files"].items()}
     ours = {name: entry.get("sha256") for name, entry in dataset.manifest["files"].items()}
     if digest != ours:
