@@ -1,5 +1,8 @@
 """Each user's most recent train items, gathered while the train split is written.
 
+The caller adds only positive rows (label >= ``layout.DEFAULT_POSITIVE_THRESHOLD``): the
+``user_history`` feature lists what the user liked, not every item shown to them.
+
 Memory stays O(min(users × max_len, train rows)) at 16 bytes a row (user and item as int32
 when they fit, time int64): the buffer is compacted to the newest ``max_len`` items per user
 whenever it grows past a bound. Rows arrive in source order and every sort here is stable,

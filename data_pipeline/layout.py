@@ -8,7 +8,7 @@ A prepared dataset is a directory::
     test/part-*.parquet
     features/users.parquet         one row per user index 0..U-1
     features/items.parquet         one row per item index 0..I-1
-    features/user_history.parquet  user_id, history (train items, oldest first); absent if history_max_len = 0
+    features/user_history.parquet  user_id, history (positive train items, oldest first); absent if history_max_len = 0
     mappings/<feature>.parquet     raw, index, count for every mapped categorical feature
 """
 
@@ -29,6 +29,10 @@ LABEL = "label"
 RATING = "rating"
 TITLE = "title"
 TRAIN_COUNT = "train_count"
+
+# A row is a positive when its label is >= this (the default of data.positive_threshold). The
+# user_history feature is written at prepare time from the positive train rows by this value.
+DEFAULT_POSITIVE_THRESHOLD = 0.5
 
 ENTITIES = ("user", "item", "context")
 

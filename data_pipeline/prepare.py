@@ -38,7 +38,7 @@ from data_pipeline.writer import ShardWriter, file_entries, write_table
 from trec import __version__
 from trec.config import Duplicates, IdMapping, PrepareConfig
 from trec.errors import TrecError
-from trec.io import atomic_directory, atomic_write_json
+from trec.io import atomic_directory, atomic_write_json, discard_interrupted
 
 # Rows per batch of the scratch passes. Fixed: the seeded split draws per batch, so the batch
 # boundaries are part of what makes a split reproducible.
@@ -79,8 +79,11 @@ def prepare_dataset(source: Source, out: str | Path, options: PrepareConfig, ove
     log = log or (lambda message: None)
     hash_buckets = _check_options(options, source)
     out = Path(out)
+    _check_out_outside_source(out, source.path)
     if out.exists() and not overwrite:
         raise TrecError(f"{out}: already exists (pass --overwrite to replace it)")
+    for stale in discard_interrupted(out):
+        log(f"removed {stale}, left by an interrupted prepare")
     started = time.perf_counter()
     with atomic_directory(out, overwrite=True) as tmp:
         work = tmp / "_work"
@@ -111,6 +114,23 @@ def prepare_dataset(source: Source, out: str | Path, options: PrepareConfig, ove
     log(f"prepared {manifest['num_interactions']} interactions, {num_users} users, {num_items} items "
         f"in {time.perf_counter() - started:.1f} s → {out}")
     return manifest
+
+
+def _check_out_outside_source(out: Path, source_path: str) -> None:
+    """Refuse an output directory that is (or is inside) the source: the prepare would read its own
+    output (and its temporary directory beside ``out``), and --overwrite would delete the source.
+
+    Paths are compared resolved (symlinks followed); a glob source counts from its last directory
+    without a wildcard.
+    """
+    if not source_path:
+        return  # synthetic
+    parts = Path(source_path).parts
+    plain = next((i for i, part in enumerate(parts) if any(ch in part for ch in "*?[")), len(parts))
+    root = Path(*parts[:plain]).resolve() if plain else Path.cwd().resolve()
+    target = out.resolve()
+    if target == root or root in target.parents:
+        raise TrecError(f"--out {out} is inside --source {source_path}: write the dataset outside the source data")
 
 
 def _timed(log: Log, name: str, step):
@@ -303,7 +323,9 @@ def _write_splits(mapped: _Mapped, splitter: Splitter, source: Source, root: Pat
         item_train += np.bincount(items[train], minlength=num_items)
         user_train += np.bincount(users[train], minlength=num_users)
         if history is not None:
-            history.add(users[train], items[train], times[train])
+            # Only positives: the history says what the user liked, not what was shown to them.
+            liked = train & (table[L.LABEL].to_numpy() >= L.DEFAULT_POSITIVE_THRESHOLD)
+            history.add(users[liked], items[liked], times[liked])
     files = [path for writer in writers.values() for path in writer.close()]
     counts = {name: writer.rows for name, writer in writers.items()}
     return _Written(counts, files, item_train, user_train, history.result() if history is not None else None)
@@ -433,6 +455,7 @@ def _manifest(source: Source, options: PrepareConfig, ids: dict[str, Mapping], s
         "has_rating": source.has_rating,
         "has_label": source.has_label,
         "history_max_len": options.history_max_len,
+        "history_positive_threshold": L.DEFAULT_POSITIVE_THRESHOLD,
         "rows_per_shard": options.rows_per_shard,
         "features": features,
         "files": files,

@@ -9,9 +9,11 @@ fields stops with its line.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import io
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -24,6 +26,7 @@ import pyarrow.parquet as pq
 
 from data_pipeline.validate import Location
 from trec.errors import TrecError
+from trec.io import quote
 
 _TEXT_BLOCK_BYTES = 8 << 20
 _DELIMITER_NAMES = {"\t": "tab", ",": "comma", "|": "'|'", ";": "';'"}
@@ -83,11 +86,48 @@ def _check_not_empty(path: Path, display: str) -> None:
 def text_header(path: Path, display: str, fmt: TextFormat) -> list[str]:
     """The column names on the first line of a text file with a header."""
     _check_not_empty(path, display)
-    with open(path, encoding=fmt.encoding, newline="") as handle:
-        first = handle.readline().rstrip("\r\n")
-    if fmt.quoting:
-        return next(csv.reader([first], delimiter=fmt.delimiter))
-    return first.split(fmt.delimiter)
+    # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name.
+    encoding = "utf-8-sig" if codecs.lookup(fmt.encoding).name == "utf-8" else fmt.encoding
+    try:
+        with open(path, encoding=encoding, newline="") as handle:
+            first = handle.readline().rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise TrecError(encoding_error(path, display, fmt.encoding)) from None
+    try:
+        names = next(csv.reader([first], delimiter=fmt.delimiter)) if fmt.quoting else first.split(fmt.delimiter)
+    except csv.Error as error:  # e.g. a header field over the csv module's field size limit
+        raise TrecError(f"{display} line 1: cannot parse the header: {str(error)[:200]}") from None
+    check_unique_columns(display, names)
+    return names
+
+
+def check_unique_columns(display: str, names: Sequence[str]) -> None:
+    """A column named twice is ambiguous: which one holds the user IDs?"""
+    repeated = [name for name, count in Counter(names).items() if count > 1]
+    if repeated:
+        raise TrecError(f"{display}: duplicate column name {quote(repeated[0])} (each column must be named once)")
+
+
+def encoding_error(path: Path, display: str, encoding: str) -> str:
+    """The message for a file that is not valid ``encoding`` text, naming the first bad line."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    line, offset = 1, 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                line += chunk[: error.start].count(b"\n")
+                offset += error.start
+                return (f"{display} line {line}: not valid {_encoding_name(encoding)} text (byte {offset}); "
+                        f"convert the file to {_encoding_name(encoding)}")
+            line += chunk.count(b"\n")
+            offset += len(chunk)
+    return f"{display}: not valid {_encoding_name(encoding)} text; convert the file to {_encoding_name(encoding)}"
+
+
+def _encoding_name(encoding: str) -> str:
+    return "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
 
 
 def _open_text(path: Path, fmt: TextFormat) -> io.IOBase | str:
@@ -126,6 +166,7 @@ def read_text(path: Path, display: str, fmt: TextFormat) -> Iterator[tuple[pa.Re
     convert_options = pacsv.ConvertOptions(column_types={name: pa.string() for name in names})
     line = header_lines + 1
     rows = 0
+    reader = None
     try:
         reader = pacsv.open_csv(_open_text(path, fmt), reader_options, parse_options, convert_options)
         for batch in reader:
@@ -134,6 +175,8 @@ def read_text(path: Path, display: str, fmt: TextFormat) -> Iterator[tuple[pa.Re
                 yield batch.slice(start, stop - start), Location(display, "line", line + start)
             line += batch.num_rows
     except pa.ArrowInvalid as error:
+        if "invalid UTF8" in str(error):
+            raise TrecError(encoding_error(path, display, fmt.encoding)) from None
         if invalid:
             row = invalid[0]
             raise TrecError(
@@ -141,6 +184,11 @@ def read_text(path: Path, display: str, fmt: TextFormat) -> Iterator[tuple[pa.Re
                 f"fields ({', '.join(names)}), got {row.actual_columns}"
             ) from None
         raise TrecError(f"{display}: cannot parse as {fmt.delimiter_name}-separated text: {_first_line(error)}") from None
+    finally:
+        # Stop the reader's read-ahead (an Arrow thread that calls back into on_invalid) now, on an
+        # error too: left to interpreter shutdown, it can outlive Python and abort the process.
+        if reader is not None:
+            reader.close()
     if rows == 0:
         raise TrecError(f"{display}: empty file (no rows)")
 
@@ -158,8 +206,9 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+def _first_line(error: Exception, limit: int = 200) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def open_parquet(path: Path, display: str) -> pq.ParquetFile:
@@ -174,12 +223,16 @@ def open_parquet(path: Path, display: str) -> pq.ParquetFile:
 def check_columns(display: str, available: Sequence[str], required: Sequence[str]) -> None:
     for name in required:
         if name and name not in available:
-            raise TrecError(f"{display}: missing column '{name}' (columns: {', '.join(available)})")
+            listing = ", ".join(available)
+            if len(listing) > 200:  # a header can be one enormous line: quote its start only
+                listing = f"{listing[:200]}... ({len(available)} columns)"
+            raise TrecError(f"{display}: missing column {quote(name)} (columns: {listing})")
 
 
 def read_parquet(path: Path, display: str, columns: Sequence[str]) -> Iterator[tuple[pa.RecordBatch, Location]]:
     """Record batches of ``columns``, one per row group, each with the Location of its first row."""
     parquet = open_parquet(path, display)
+    check_unique_columns(display, parquet.schema_arrow.names)
     check_columns(display, parquet.schema_arrow.names, columns)
     if parquet.metadata.num_rows == 0:
         raise TrecError(f"{display}: empty file (no rows)")

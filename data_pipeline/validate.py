@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trec.errors import TrecError
+from trec.io import quote
 
 INT_PATTERN = r"^\s*[+-]?[0-9]+\s*$"
 
@@ -85,10 +86,7 @@ def to_int64(array: pa.Array, loc: Location, column: str) -> pa.Array:
     if pa.types.is_large_string(kind):
         array, kind = array.cast(pa.string()), pa.string()
     if pa.types.is_integer(kind):
-        if pa.types.is_uint64(kind):
-            too_big = _first_false(pc.less_equal(array, np.iinfo(np.int64).max))
-            if too_big is not None:
-                loc.fail(too_big, column, f"{array[too_big].as_py()} is out of range for int64")
+        _check_int64_range(array, loc, column)
         return array.cast(pa.int64())
     if pa.types.is_floating(kind):
         values = array.to_numpy(zero_copy_only=False)
@@ -99,7 +97,7 @@ def to_int64(array: pa.Array, loc: Location, column: str) -> pa.Array:
     if pa.types.is_string(kind):
         bad = _first_false(pc.match_substring_regex(array, INT_PATTERN))
         if bad is not None:
-            loc.fail(bad, column, f"'{array[bad].as_py()}' is not an integer")
+            loc.fail(bad, column, f"{quote(array[bad].as_py())} is not an integer")
         # Arrow's cast rejects a leading '+', which the pattern (and Python's int()) accept.
         stripped = pc.replace_substring_regex(pc.utf8_trim_whitespace(array), r"^\+", "")
         try:
@@ -107,9 +105,19 @@ def to_int64(array: pa.Array, loc: Location, column: str) -> pa.Array:
         except (pa.ArrowInvalid, OverflowError):
             for offset, text in enumerate(stripped.to_pylist()):
                 if not -(2**63) <= int(text) < 2**63:
-                    loc.fail(offset, column, f"'{text}' is out of range for int64")
+                    loc.fail(offset, column, f"{quote(text)} is out of range for int64")
             raise
     raise TrecError(f"{loc.file}: column {column}: type {kind} is not an integer type")
+
+
+def _check_int64_range(array: pa.Array, loc: Location, column: str) -> None:
+    """uint64 values above 2^63 - 1 do not fit the int64 every ID and value is kept as."""
+    if pa.types.is_uint64(array.type):
+        # The bound as a uint64 scalar: compared with an int64 scalar, Arrow casts the array first and fails.
+        fits = pc.fill_null(pc.less_equal(array, pa.scalar(np.iinfo(np.int64).max, pa.uint64())), True)
+        too_big = _first_false(fits)
+        if too_big is not None:
+            loc.fail(too_big, column, f"{array[too_big].as_py()} is out of range for int64")
 
 
 def to_float64(array: pa.Array, loc: Location, column: str, allow_missing: bool = False) -> np.ndarray:
@@ -132,13 +140,28 @@ def to_float64(array: pa.Array, loc: Location, column: str, allow_missing: bool 
                 try:
                     float(text)
                 except ValueError:
-                    loc.fail(offset, column, f"'{text}' is not a number")
+                    loc.fail(offset, column, f"{quote(text)} is not a number")
             raise
     elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
         array = array.cast(pa.float64())
     else:
         raise TrecError(f"{loc.file}: column {column}: type {kind} is not a numeric type")
-    return array.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    values = array.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    if allow_missing:
+        _check_finite(values, array.is_valid().to_numpy(zero_copy_only=False), loc, column)
+    return values
+
+
+def _check_finite(values: np.ndarray, present: np.ndarray, loc: Location, column: str) -> None:
+    """A present value must be finite: NaN or inf in a numeric feature would poison every model that reads it.
+
+    (A missing value, an empty field or a null, is allowed: it becomes NaN only after this check.)
+    Callers without ``allow_missing`` range-check their values themselves (check_rating, check_range).
+    """
+    bad = np.flatnonzero(present & ~np.isfinite(values))
+    if len(bad):
+        loc.fail(bad[0], column, f"{format_number(values[bad[0]])} is not a finite number "
+                                 "(leave the field empty for a missing value)")
 
 
 def check_rating(values: np.ndarray, loc: Location, column: str, high: float | None = None) -> None:
@@ -150,7 +173,7 @@ def check_rating(values: np.ndarray, loc: Location, column: str, high: float | N
     if len(negative):
         loc.fail(negative[0], column, f"{format_number(values[negative[0]])} is negative")
     limit = np.inf if high is None else high
-    above = np.flatnonzero(~(values <= limit))
+    above = np.flatnonzero(~(values <= limit) | np.isinf(values))  # inf <= inf: the bound alone lets it pass
     if len(above):
         bound = "finite" if high is None else f"<= {format_number(high)}"
         loc.fail(above[0], column, f"{format_number(values[above[0]])} is out of range (must be {bound})")
@@ -185,7 +208,7 @@ def to_timestamp(array: pa.Array, loc: Location, column: str) -> np.ndarray:
                 try:
                     pa.array([value]).cast(pa.timestamp("s"))
                 except pa.ArrowInvalid:
-                    loc.fail(offset, column, f"'{value}' is not an integer or ISO-8601 time")
+                    loc.fail(offset, column, f"{quote(value)} is not an integer or ISO-8601 time")
             raise
     else:
         values = to_int64(array, loc, column).to_numpy()  # checks for missing values itself
@@ -218,17 +241,12 @@ def category_array(array: pa.Array, loc: Location, column: str) -> pa.Array:
     if pa.types.is_boolean(kind):
         return array.cast(pa.int64())
     if pa.types.is_integer(kind):
-        return _int_with_nulls(array)
+        _check_int64_range(array, loc, column)
+        return array.cast(pa.int64())
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         text = array.cast(pa.string())
         return pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
     raise TrecError(f"{loc.file}: column {column}: type {kind} cannot hold categories (use integers or strings)")
-
-
-def _int_with_nulls(array: pa.Array) -> pa.Array:
-    if pa.types.is_uint64(array.type):
-        return pc.cast(array, pa.int64(), safe=False)
-    return array.cast(pa.int64())
 
 
 def multi_hot_array(array: pa.Array, loc: Location, column: str, separator: str) -> pa.Array:

@@ -4,7 +4,8 @@ Each component is a typed function whose docstring is its ``--help``. ``train``,
 ``evaluate`` run ``python -m trec COMMAND ...`` on every rank under torchrun (via TorchX's builtin
 ``dist.ddp``); ``tensorboard`` reuses TorchX's builtin ``metrics.tensorboard``. The same component
 launches on this workstation (``-s local_cwd``, which runs the working tree and ignores ``image``)
-and on Kubernetes with Volcano (``-s kubernetes``, images from docker/, volumes from k8s/).
+and on Kubernetes with Volcano (``-s kubernetes``, images from docker/, volumes from k8s/), where
+every pod runs restricted (non-root, no capabilities, read-only image: launchers/scheduler.py).
 
 No ``from __future__ import annotations`` here: TorchX decodes ``--env``/``--mounts`` from the
 real annotation objects, and string annotations make it fail with ``ValueError: Unknown``.
@@ -102,7 +103,9 @@ def train(
     --config configs/movielens_two_tower.yaml --data data/ml100k --run-dir runs/tt``
 
     Args:
-        args: arguments of ``trec train``: ``--config FILE --data DIR --run-dir DIR [KEY=VALUE ...]``
+        args: arguments of ``trec train``: ``--config FILE --data DIR --run-dir DIR [--set=KEY=VALUE ...]
+            [KEY=VALUE ...]`` (TorchX refuses an option word given twice, so repeat ``--set=KEY=VALUE``
+            with the ``=``, or give trailing ``KEY=VALUE`` pairs)
         image: container image (Kubernetes); empty picks the trec CPU image, or the CUDA image
             when the job asks for GPUs; local_cwd ignores it and runs the working tree
         j: ``{nnodes}x{nproc_per_node}``, e.g. ``2x2``; with GPUs, nproc_per_node at most the GPUs per node
@@ -114,7 +117,7 @@ def train(
         max_restarts: times torchrun restarts the worker group after a failure; training resumes
             from the newest complete checkpoint in the run directory
         mounts: volumes, e.g. ``type=volume,src=trec-datasets,dst=/data,readonly,type=volume,src=trec-runs,dst=/runs``
-            (``type=volume`` binds a PersistentVolumeClaim on Kubernetes; ``type=bind`` a host path)
+            (``type=volume`` binds a PersistentVolumeClaim on Kubernetes; ``type=bind``, a host path, is local only)
         name: job name (``{experiment}/{run}``)
     """
     return _trec_job(["train", *args], name, image, j, cpu, gpu, memMB, h, env, max_restarts, mounts)
@@ -139,7 +142,8 @@ def export(
     ./launchers/components.py:export -j 1x2 -- --run-dir runs/tt --out exports/tt``
 
     Args:
-        args: arguments of ``trec export``: ``--run-dir RUN --out DIR [--users] [KEY=VALUE ...]``
+        args: arguments of ``trec export``: ``--run-dir RUN --out DIR [--users] [--set=KEY=VALUE ...]
+            [KEY=VALUE ...]`` (repeat ``--set=KEY=VALUE`` with the ``=``: TorchX refuses a repeated option word)
         image: container image (Kubernetes); empty picks the trec CPU image, or the CUDA image
             when the job asks for GPUs; local_cwd ignores it and runs the working tree
         j: ``{nnodes}x{nproc_per_node}``, e.g. ``1x2``; with GPUs, nproc_per_node at most the GPUs per node
@@ -151,7 +155,7 @@ def export(
         max_restarts: times torchrun restarts the worker group after a failure; a restarted export
             rewrites what was not committed (never mixes two attempts)
         mounts: volumes, e.g. ``type=volume,src=trec-runs,dst=/runs,readonly,type=volume,src=trec-exports,dst=/exports``
-            (``type=volume`` binds a PersistentVolumeClaim on Kubernetes; ``type=bind`` a host path)
+            (``type=volume`` binds a PersistentVolumeClaim on Kubernetes; ``type=bind``, a host path, is local only)
         name: job name (``{experiment}/{run}``)
     """
     return _trec_job(["export", *args], name, image, j, cpu, gpu, memMB, h, env, max_restarts, mounts)
@@ -176,7 +180,9 @@ def evaluate(
     --run-dir runs/tt --index exports/tt --ranker-run-dir runs/dcn``
 
     Args:
-        args: arguments of ``trec evaluate``: ``--run-dir RUN [--index DIR] [--ranker-run-dir RUN2] [KEY=VALUE ...]``
+        args: arguments of ``trec evaluate``: ``--run-dir RUN [--index DIR] [--ranker-run-dir RUN2]
+            [--set=KEY=VALUE ...] [KEY=VALUE ...]`` (repeat ``--set=KEY=VALUE`` with the ``=``: TorchX
+            refuses a repeated option word)
         image: container image (Kubernetes); empty picks the trec CPU image, or the CUDA image
             when the job asks for GPUs; local_cwd ignores it and runs the working tree
         j: ``{nnodes}x{nproc_per_node}``, e.g. ``1x2``; with GPUs, nproc_per_node at most the GPUs per node
@@ -187,7 +193,7 @@ def evaluate(
         env: extra environment variables, e.g. ``LOGLEVEL=INFO``
         max_restarts: times torchrun restarts the worker group after a failure (evaluation starts over)
         mounts: volumes, e.g. ``type=volume,src=trec-runs,dst=/runs,type=volume,src=trec-exports,dst=/exports,readonly``
-            (``type=volume`` binds a PersistentVolumeClaim on Kubernetes; ``type=bind`` a host path)
+            (``type=volume`` binds a PersistentVolumeClaim on Kubernetes; ``type=bind``, a host path, is local only)
         name: job name (``{experiment}/{run}``)
     """
     return _trec_job(["evaluate", *args], name, image, j, cpu, gpu, memMB, h, env, max_restarts, mounts)

@@ -154,15 +154,75 @@ def test_service_account_has_least_privilege():
     assert not [r for r in base if r["kind"] in ("ClusterRole", "ClusterRoleBinding")]  # namespace-scoped only
 
     rules = _find(base, "Role", "trec-submitter")["rules"]
-    def verbs(group: str, resource: str) -> set:
-        return {v for r in rules if group in r["apiGroups"] and resource in r["resources"] for v in r["verbs"]}
-    # What `torchx run/status/log/cancel -s kubernetes` calls.
-    assert {"create", "get", "list", "delete"} <= verbs("batch.volcano.sh", "jobs")
-    assert "get" in verbs("batch.volcano.sh", "jobs/status")
-    assert {"get", "list", "watch"} <= verbs("", "pods") and "get" in verbs("", "pods/log")
-    assert {"get", "list"} <= verbs("", "services")
-    assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules)
-    assert not verbs("", "secrets")
+    grants = {(group, resource, name, verb) for r in rules for group in r["apiGroups"] for resource in r["resources"]
+              for name in r.get("resourceNames", ["*"]) for verb in r["verbs"]}
+    # Exactly what submitting and following jobs needs (each verb's reason is a comment in rbac.yaml):
+    # no update, no Secrets/ConfigMaps/PVCs, watch on pods only, and named objects where a name is known.
+    assert grants == {
+        ("batch.volcano.sh", "jobs", "*", "create"), ("batch.volcano.sh", "jobs", "*", "list"),
+        ("batch.volcano.sh", "jobs", "*", "delete"), ("batch.volcano.sh", "jobs/status", "*", "get"),
+        ("", "pods/log", "*", "get"), ("", "pods", "*", "get"), ("", "pods", "*", "list"),
+        ("", "pods", "*", "watch"),
+        ("", "services", "trec-tensorboard", "get"), ("", "pods/portforward", "*", "create"),
+        ("", "pods/exec", "*", "create"),
+        ("apps", "deployments", "trec-data-loader", "get"), ("apps", "deployments/scale", "trec-data-loader", "patch"),
+        ("batch", "jobs", "*", "create"), ("batch", "jobs", "trec-export", "get"),
+        ("batch", "jobs", "trec-export", "patch"), ("batch", "jobs", "trec-export", "delete"),
+    }
+    for rule in rules:  # resourceNames cannot restrict create or list: a rule mixing them would be broader
+        if "resourceNames" in rule:
+            assert not {"create", "list", "watch", "deletecollection"} & set(rule["verbs"]), rule
+
+
+def test_every_submitter_verb_says_why():
+    (text,) = [d for d in (K8S / "base" / "rbac.yaml").read_text().split("\n---\n")
+               if yaml.safe_load(d)["kind"] == "Role" and yaml.safe_load(d)["metadata"]["name"] == "trec-submitter"]
+    verbs = re.findall(r"^( +)verbs:(.*)\n((?:\1  - .*\n)*)", text, flags=re.M)
+    assert len(verbs) == len(yaml.safe_load(text)["rules"]) and all(not inline.strip() for _, inline, _ in verbs)
+    for _, _, items in verbs:
+        assert items, "rbac.yaml: verbs as a block list, one per line with its reason"
+        for line in items.splitlines():
+            assert re.fullmatch(r"\s*- \w+  # \S.{10,}", line), f"rbac.yaml: a verb without its reason: {line!r}"
+
+
+def test_network_policy_denies_ingress_but_to_job_peers_and_tensorboard_port():
+    base = build(K8S / "base")
+    policies = {r["metadata"]["name"]: r["spec"] for r in base if r["kind"] == "NetworkPolicy"}
+    deny = policies["trec-default-deny-ingress"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress"]}  # every pod: no ingress unless allowed below
+    torchx = {"app.kubernetes.io/managed-by": "torchx.pytorch.org"}  # on every pod TorchX submits
+    peers = policies["trec-torchx-job-peers"]
+    assert peers["podSelector"] == {"matchLabels": torchx}
+    assert peers["ingress"] == [{"from": [{"podSelector": {"matchLabels": torchx}}]}]  # rendezvous, gloo/NCCL
+
+    service = _find(base, "Service", "trec-tensorboard")
+    tensorboard = policies["trec-tensorboard"]
+    assert tensorboard["podSelector"] == {"matchLabels": service["spec"]["selector"]}
+    (rule,) = tensorboard["ingress"]
+    assert rule["from"] == [{"podSelector": {}}]  # this namespace only (no namespaceSelector, no ipBlock)
+    assert rule["ports"] == [{"protocol": "TCP", "port": service["spec"]["ports"][0]["targetPort"]}]
+    for spec in policies.values():
+        assert spec["policyTypes"] == ["Ingress"]
+        for ingress in spec.get("ingress", []):
+            assert all("ipBlock" not in peer and "namespaceSelector" not in peer for peer in ingress["from"])
+    assert _find(base, "Namespace", "trec")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_tensorboard_is_reachable_only_through_its_cluster_ip_service(rendered):
+    for name, resources in rendered.items():
+        kinds = {r["kind"] for r in resources}
+        assert not kinds & {"Ingress", "Route", "HTTPRoute", "Gateway"}, name
+        for resource in resources:
+            where = f"{name}: {resource['kind']}/{resource['metadata']['name']}"
+            if resource["kind"] == "Service":
+                spec = resource["spec"]
+                assert spec.get("type", "ClusterIP") == "ClusterIP", where
+                assert not spec.get("externalIPs") and not spec.get("loadBalancerIP"), where
+                assert all("nodePort" not in port for port in spec["ports"]), where
+            for pod in pod_specs(resource):
+                assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC"), where
+                for container in pod["containers"]:
+                    assert all("hostPort" not in port for port in container.get("ports", [])), where
 
 
 def test_tensorboard_reads_the_runs_volume_read_only():

@@ -220,6 +220,64 @@ def test_tensorboard_dryrun_is_one_server_on_the_runs_volume():
     assert _mounts(task) == {"/runs": ("trec-runs", True)}
 
 
+# --- restricted pods (launchers/scheduler.py, registered as TorchX's `kubernetes`) ----------------
+
+
+def _own_pod_security() -> tuple[dict, dict]:
+    """The pod and container securityContext of the project's own pods (k8s/ TensorBoard Deployment)."""
+    from kustomize_lite import build, pod_specs
+
+    (deployment,) = [r for r in build(REPO / "k8s" / "base") if r["metadata"]["name"] == "trec-tensorboard"
+                     and r["kind"] == "Deployment"]
+    (pod,) = pod_specs(deployment)
+    return pod["securityContext"], pod["containers"][0]["securityContext"]
+
+
+@pytest.mark.parametrize("component,args", [
+    ("train", ["-j", "2x2", "--gpu", "2", "--mounts", f"{DATA},{RUNS}", "--", "--config", "c.yaml"]),
+    ("export", ["--mounts", f"{RUNS},readonly", "--", "--run-dir", "/runs/tt", "--out", "/runs/x"]),
+    ("evaluate", ["--", "--run-dir", "/runs/tt"]),
+    ("tensorboard", ["--run_dir", "/runs/tt", "--mounts", f"{RUNS},readonly"]),
+])
+def test_torchx_pods_get_the_restricted_security_context_of_our_own_pods(component, args):
+    job = dryrun_k8s(component, *args)
+    pod_sc, container_sc = _own_pod_security()
+    for task in job["spec"]["tasks"]:
+        spec = task["template"]["spec"]
+        assert spec["securityContext"] == pod_sc  # non-root 10001, fsGroup, seccomp RuntimeDefault
+        assert spec["automountServiceAccountToken"] is False
+        container = _container(task)
+        assert container["securityContext"] == container_sc  # no escalation, drop ALL, read-only root
+        assert "privileged" not in container["securityContext"]
+        # A read-only root needs a writable /tmp and a HOME there (torchrun, Python, TensorBoard).
+        tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
+        assert "emptyDir" in next(v for v in spec["volumes"] if v["name"] == tmp["name"])
+        assert _env(container)["HOME"] == "/tmp"
+        assert not [v for v in spec["volumes"] if "hostPath" in v]
+
+
+def test_read_only_root_is_a_per_job_choice_and_host_paths_are_refused():
+    proc = _torchx("run", "--workspace", "", "--dryrun", "-s", "kubernetes",
+                   "-cfg", "queue=trec,read_only_root_filesystem=False", "./launchers/components.py:evaluate")
+    job = yaml.safe_load(proc.stdout.partition("=== SCHEDULER REQUEST ===")[2])
+    (task,) = job["spec"]["tasks"]
+    container = _container(task)
+    assert container["securityContext"]["readOnlyRootFilesystem"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}  # the rest stays restricted
+    assert task["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert "/tmp" not in {m["mountPath"] for m in container["volumeMounts"]}
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TREC_IMAGE", "TREC_CUDA_IMAGE", "TORCHXCONFIG")}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    refused = subprocess.run(
+        [TORCHX, "run", "--workspace", "", "--dryrun", "-s", "kubernetes", "-cfg", "queue=trec",
+         "./launchers/components.py:train", "--mounts", "type=bind,src=/var/run,dst=/host"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+    )
+    assert refused.returncode != 0
+    assert "host path mounts ['/var/run'] are not allowed" in refused.stdout + refused.stderr
+
+
 # --- the local scheduler and --help ---------------------------------------------------------------
 
 

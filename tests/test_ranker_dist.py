@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from training import kill_after_checkpoint, model_weights, run_command, trec_command
+from training import kill_after_checkpoint, model_weights, resumed_step, run_command, trec_command
 
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -83,7 +83,7 @@ def test_ranker_resumes_after_kill_with_identical_weights(ranker, retriever, ml1
     assert interrupted_at is not None and interrupted_at.name != f"step-{STEPS}", "the kill came too late"
 
     resumed = run_command(ranker_command(run_dir, ml100k_prepared, retriever))
-    assert "resumed from" in resumed.stderr
+    assert resumed_step(resumed.stderr, run_dir) == int(interrupted_at.name.removeprefix("step-"))  # that checkpoint
     assert "hard negatives: reusing" in resumed.stderr  # the cache is part of the run, not mined again
     final, reference = run_dir / "checkpoints" / f"step-{STEPS}", ranker / "checkpoints" / f"step-{STEPS}"
     ours, theirs = model_weights(final), model_weights(reference)

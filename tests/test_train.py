@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from training import STEPS, model_weights, run_command, scalar_steps, train_command
+from training import STEPS, model_weights, resumed_step, run_command, scalar_steps, train_command
 
 from trec.checkpoint import latest_checkpoint
 
@@ -55,7 +55,7 @@ def test_run_directory_has_config_checkpoints_metrics_and_tensorboard(full_run):
 def test_resume_after_kill_reaches_same_step_with_identical_weights(full_run, resumed_run):
     run_dir, interrupted_at, log = resumed_run
     assert interrupted_at.name != f"step-{STEPS}", "the kill came too late"
-    assert "resumed from" in log
+    assert resumed_step(log, run_dir) == int(interrupted_at.name.removeprefix("step-"))  # that checkpoint, by name
     final, reference = run_dir / "checkpoints" / f"step-{STEPS}", full_run / "checkpoints" / f"step-{STEPS}"
     assert json.loads((final / "trainer_state.json").read_text()) == json.loads(
         (reference / "trainer_state.json").read_text()

@@ -4,6 +4,7 @@ settings, killing a run after a checkpoint, and reading checkpoints and TensorBo
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,15 +95,162 @@ def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, checkpoint: str, 
 
 def kill_after_checkpoint(command: list[str], run_dir: Path, checkpoint: str = "step-10",
                           timeout: float = 600) -> Path | None:
-    """Run ``command`` until ``run_dir/checkpoints/CHECKPOINT`` exists, then SIGKILL its whole process group.
+    """Run ``command`` until ``run_dir/checkpoints/CHECKPOINT`` exists, then SIGKILL its workers and itself.
 
+    torchrun starts each worker in a session of its own, so killing the launcher's process group
+    would leave the workers training on (and writing checkpoints) beside the resumed run:
+    ``kill_job`` kills every process of the job and fails if one outlives it.
     Returns the newest complete checkpoint at the kill (what a resumed run starts from).
     """
     from trec.checkpoint import latest_checkpoint
 
     proc = subprocess.Popen([str(part) for part in command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env=child_env(), cwd=REPO)
-    wait_for_checkpoint(proc, run_dir, checkpoint, timeout)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        wait_for_checkpoint(proc, run_dir, checkpoint, timeout)
+    finally:
+        kill_job(proc, run_dir)
     return latest_checkpoint(run_dir / "checkpoints")
+
+
+# --- processes of a job: torchrun's workers live in sessions of their own ---------------------------
+
+
+def _parent_pids() -> dict[int, int]:
+    """pid -> parent pid of every live (non-zombie) process, from one scan of /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses, so split after the last ")".
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError, ValueError):
+            continue  # it ended while we looked
+        if state not in ("Z", "X"):  # a zombie is dead: it only waits for its parent to reap it
+            parents[int(stat.parent.name)] = int(ppid)
+    return parents
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` (if alive) and all its live descendants, parents before children."""
+    parents = _parent_pids()
+    tree = [root] if root in parents else []
+    for pid in tree:  # grows while iterated: breadth-first
+        tree += [child for child, parent in parents.items() if parent == pid]
+    return tree
+
+
+def run_processes(run_dir: Path) -> list[int]:
+    """Live processes (other than this one) with ``run_dir`` (or a path inside it) on their command line."""
+    own = str(run_dir).encode()
+    found = []
+    for pid in _parent_pids():
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if pid != os.getpid() and any(a == own or a.startswith(own + b"/") for a in argv):
+            found.append(pid)
+    return found
+
+
+def worker_pids(launcher_pid: int, run_dir: Path) -> list[int]:
+    """The trec workers (not launchers: torchx, torchrun) below ``launcher_pid`` training into ``run_dir``."""
+    launchers = (b"torchrun", b"torch.distributed.run", b"torchx")
+    in_run = set(run_processes(run_dir))
+    workers = []
+    for pid in process_tree(launcher_pid)[1:]:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if pid in in_run and b"trec" in argv and not any(name in a for a in argv for name in launchers):
+            workers.append(pid)
+    return workers
+
+
+def local_rank(pid: int) -> int | None:
+    """The LOCAL_RANK torchrun gave worker ``pid`` (None if it has none or has ended)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(e.split(b"=", 1)[1]) for e in environ if e.startswith(b"LOCAL_RANK=")]
+    return ranks[0] if ranks else None
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Poll until none of ``pids`` is alive (zombies count as dead); return those still alive at ``timeout``."""
+    deadline = time.time() + timeout
+    while True:
+        alive = [pid for pid in pids if pid in _parent_pids()]
+        if not alive or time.time() >= deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def kill_job(launcher: subprocess.Popen, run_dir: Path, timeout: float = 60) -> None:
+    """SIGKILL every process of a job started as ``launcher`` (in a session of its own) and prove none is left.
+
+    A node lost mid-run: the workers die first, then the launcher. The launcher is stopped first so
+    that an elastic agent cannot start a replacement group between the scan and the kill; every
+    descendant is found through the process tree (torchrun puts each worker in a session of its
+    own, out of reach of ``killpg``); anything still running with ``run_dir`` on its command line
+    afterwards (a re-parented orphan) fails the test, after being killed too.
+    """
+    if launcher.poll() is None:
+        _signal(launcher.pid, signal.SIGSTOP)
+    tree = process_tree(launcher.pid)
+    for pid in reversed(tree):  # children before parents
+        _signal(pid, signal.SIGKILL)
+    try:
+        os.killpg(launcher.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    launcher.wait(timeout=timeout)
+    survivors = wait_gone(tree, timeout)
+    orphans = [pid for pid in run_processes(run_dir) if pid not in tree]
+    for pid in survivors + orphans:
+        _signal(pid, signal.SIGKILL)
+    assert not survivors and not orphans, f"processes of the run outlived the kill: {survivors + orphans}"
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def resumed_step(log: str, run_dir: Path) -> int:
+    """The step of the named checkpoint a resumed attempt loaded, from trec's log line.
+
+    Fails unless the log says ``checkpoint: resumed from RUN_DIR/checkpoints/step-K (step K, ...)``
+    with K > 0: an attempt that silently started over would train to the end all the same.
+    """
+    checkpoints = re.escape(str(run_dir / "checkpoints"))
+    loaded = re.findall(rf"checkpoint: resumed from {checkpoints}/step-(\d+) \(step (\d+),", log)
+    assert loaded, f"the attempt resumed from no named checkpoint of {run_dir}:\n{log[-3000:]}"
+    steps = {int(named) for named, _ in loaded} | {int(step) for _, step in loaded}
+    assert len(steps) == 1 and min(steps) > 0, f"inconsistent or zero resume steps {loaded}"
+    return steps.pop()
+
+
+# A one-process two-tower run of a few steps (the binding and resume-safety tests).
+TINY = [
+    "data.batch_size=512", "checkpoint.every_steps=0", "logging.projector_items=0", "logging.histogram_every_steps=0",
+    "evaluation.max_users=50", "evaluation.ks=[10]",
+]
+
+
+def tiny_train_command(run_dir: Path, data: Path, steps: int, *extra: str) -> list[str]:
+    """``trec train`` (one process) of CONFIG for ``steps`` steps with the TINY overrides, then ``extra``."""
+    return trec_command(1, "train", "--config", CONFIG, "--data", data, "--run-dir", run_dir,
+                        f"training.max_steps={steps}", *TINY, *extra)
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one ``error: ...`` line of a refused command (exit 2, no traceback)."""
+    errors = [line for line in proc.stderr.splitlines() if "error: " in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, (
+        f"expected one error line and exit 2, got {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return errors[0]

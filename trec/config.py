@@ -14,9 +14,10 @@ prints the resolved values.
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +27,7 @@ from omegaconf import OmegaConf
 from omegaconf import errors as oc_errors
 
 from trec.errors import TrecError
-from trec.io import atomic_write_text
+from trec.io import atomic_write_text, quote
 
 
 class Choice(str, Enum):
@@ -152,6 +153,10 @@ class DataConfig:
     """Batches a background thread prepares ahead of the training step."""
     history_max_len: int = 100
     """Longest user history (most recent training items) fed as the `user_history` feature; 0 drops it."""
+    positive_threshold: float = 0.5
+    """A row is a positive when its label is >= this (labels are 0/1 or graded in [0, 1]; a dataset
+    prepared without a label column has label 1.0 everywhere). Only positives train the two-tower,
+    count as an item's popularity and are relevant in evaluation; the ranker learns click = positive."""
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     """How `trec data prepare` builds a dataset (columns of generic logs, split, ID mapping)."""
 
@@ -208,6 +213,9 @@ class RetrievalLossConfig:
     """For hard/mixed: how many of the highest-scored candidates each row keeps as hard negatives."""
     mix_popular: float = 0.5
     """For mixed: share of the extra candidates drawn by popularity; the rest are uniform."""
+    label_weighting: bool = False
+    """Weight each positive row's loss by its (graded) label instead of 1; rows below
+    data.positive_threshold weigh 0 either way."""
 
 
 @dataclass
@@ -428,10 +436,15 @@ class TrainingConfig:
     pipeline: PipelineKind = PipelineKind.sparse_dist
     seed: int = 42
     """Seeds every rank (rank-offset) and the data order."""
-    log_every_steps: int = 50
-    """Throughput and loss logging period."""
     device: str = "auto"
     """auto (cuda+nccl if GPUs exist, else cpu+gloo), cpu or cuda."""
+
+
+class Gain(Choice):
+    binary = "binary"
+    """Every positive test item has relevance 1."""
+    graded = "graded"
+    """A positive test item's relevance is its label: DCG = sum (2^rel - 1) / log2(i + 1)."""
 
 
 @dataclass
@@ -439,11 +452,13 @@ class EvaluationConfig:
     ks: list[int] = field(default_factory=lambda: [10])
     """Cut-offs for the top-K metrics (metrics.json keys such as `ndcg@10`)."""
     exclude_train: bool = True
-    """Never recommend an item the user has in the training data."""
+    """Never recommend an item the user has in the training data (any label: the user has seen it)."""
     max_users: int = 0
     """Evaluate at most this many users (0 = all); for quick validation on large data."""
     popularity_baseline: bool = True
     """Also score the most-popular-items baseline in the same evaluation."""
+    gain: Gain = Gain.binary
+    """Relevance of a positive test item in NDCG: binary (1) or graded (its label, gain 2^label - 1)."""
 
 
 @dataclass
@@ -526,13 +541,21 @@ class TrecConfig:
 # --------------------------------------------------------------------------------------------
 
 
+# Keys that were removed because another section owns the setting: old key → the one to use.
+_MOVED_KEYS = {"training.log_every_steps": "logging.log_every_steps"}
+
+
 def _describe(error: oc_errors.OmegaConfBaseException) -> str:
     """One line for an OmegaConf error: the dotted key and what was wrong with it."""
     key = getattr(error, "full_key", None) or "?"
     first = str(error).splitlines()[0]
+    if len(first) > 200:  # OmegaConf quotes the whole bad value
+        first = first[:200] + "..."
     if isinstance(error, oc_errors.ConfigKeyError) or "not in" in first:
         match = re.search(r"Did you mean(?: one of)?: (.*?)\??$", first)
         hint = f" (did you mean {match.group(1)}?)" if match else ""
+        if key in _MOVED_KEYS:
+            hint = f" (did you mean '{_MOVED_KEYS[key]}'?)"
         return f"unknown key '{key}'{hint}"
     return f"key '{key}': {first}"
 
@@ -544,31 +567,101 @@ def _merge(base, layer, where: str):
         raise TrecError(f"{where}: {_describe(error)}") from None
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only, no Python objects), stricter in three ways:
+
+    - no aliases (``*name``): a config is a small tree of literal values, and aliases are how a
+      file of a few hundred bytes expands into billions of nodes (or into a cycle) once merged;
+    - no duplicate keys: PyYAML keeps the last one silently, so one of two settings would vanish;
+    - keys are strings (OmegaConf's dotted keys).
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not supported in a config: write the value out",
+                self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        if isinstance(node, yaml.MappingNode):
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, str):
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {quote(key)} is not a string", key_node.start_mark)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {quote(key)}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_MAX_CONFIG_BYTES = 1 << 20
+
+
+def _load_yaml(text: str):
+    """Parse ``text`` with :class:`_ConfigLoader`; may raise yaml.YAMLError, ValueError or RecursionError."""
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise TrecError(f"config file not found: {path}")
+    data = path.read_bytes()
+    if len(data) > _MAX_CONFIG_BYTES:
+        raise TrecError(f"{path}: {len(data):,} bytes is too large for a config (at most {_MAX_CONFIG_BYTES:,})")
     try:
-        # safe_load: configs are user files; never construct arbitrary Python objects.
-        content = yaml.safe_load(path.read_text())
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise TrecError(f"{path}:{line}: not UTF-8 text (byte {error.start}); a config is a UTF-8 YAML file") from None
+    try:
+        content = _load_yaml(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise TrecError(f"{where}: invalid YAML: {getattr(error, 'problem', error)}") from None
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise TrecError(f"{where}: invalid YAML: {problem}") from None
+    except RecursionError:
+        raise TrecError(f"{path}: invalid YAML: nested too deeply") from None
+    except ValueError as error:  # e.g. an integer of more digits than Python converts
+        raise TrecError(f"{path}: invalid YAML: {str(error).splitlines()[0][:200]}") from None
     if content is None:
         return {}
     if not isinstance(content, dict):
         raise TrecError(f"{path}: expected a mapping of sections at the top level")
+    _refuse_interpolations(content, str(path))
     return content
+
+
+def _refuse_interpolations(node: object, where: str, key: str = "") -> None:
+    """OmegaConf would resolve ``${...}`` (``${oc.env:HOME}`` reads the environment) when the config
+    is built, and a run's saved config.yaml would then hold the resolved value (a secret, a home
+    directory). A config holds literal values only, so any ``${`` in a string is refused."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            _refuse_interpolations(value, where, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, list):
+        for position, value in enumerate(node):
+            _refuse_interpolations(value, where, f"{key}[{position}]")
+    elif isinstance(node, str) and "${" in node:
+        raise TrecError(f"{where}: key '{key}': {quote(node)}: '${{...}}' interpolations are not supported "
+                        "(a config holds literal values; write the value itself)")
 
 
 def _parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
-        raise TrecError(f"override '{text}': expected KEY=VALUE with a dotted key, e.g. data.batch_size=512")
+        raise TrecError(f"override {quote(text)}: expected KEY=VALUE with a dotted key, e.g. data.batch_size=512")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
+        value = _load_yaml(raw) if raw else ""
+    except (yaml.YAMLError, RecursionError):
         value = raw
+    except ValueError:  # an integer of more digits than Python converts
+        raise TrecError(f"override {quote(text)}: value is not a usable number") from None
+    _refuse_interpolations(value, f"override {quote(text)}", key.strip())
     return key.strip(), value
 
 
@@ -593,11 +686,211 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         merged = _merge(merged, OmegaConf.create(_read_yaml(Path(path))), str(path))
     for text in overrides:
         key, value = _parse_override(text)
-        merged = _merge(merged, OmegaConf.create(_override_layer(key, value)), f"override '{text}'")
+        merged = _merge(merged, OmegaConf.create(_override_layer(key, value)), f"override {quote(text)}")
     try:
-        return OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
     except oc_errors.OmegaConfBaseException as error:
         raise TrecError(f"{path or 'config'}: {_describe(error)}") from None
+    validate_config(cfg, str(path) if path is not None else "config")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# value ranges, checked when the config is built (as torchtitan does), not deep inside a run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Range:
+    """Allowed values of a number: [low, high], either end open or absent."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def accepts(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+_POSITIVE = _Range(1)  # counts and sizes: at least one
+_NON_NEGATIVE = _Range(0)  # periods and counts where 0 means "off" or "none"
+_FRACTION = _Range(0, 1)
+_PROBABILITY_OPEN = _Range(0, 1, high_open=True)  # dropout: 1 would zero every input
+_SEED = _Range(0, 2**63 - 1)  # numpy refuses negative seeds
+
+# Dotted key → allowed range. `*` stands for every key of a dict, `[]` for every element of a list;
+# None values (optional overrides) are skipped. Every float anywhere must also be finite.
+_RANGES: dict[str, _Range] = {
+    "data.batch_size": _POSITIVE,
+    "data.eval_batch_size": _POSITIVE,
+    "data.prefetch_batches": _NON_NEGATIVE,
+    "data.history_max_len": _NON_NEGATIVE,
+    "data.positive_threshold": _Range(0, 1, low_open=True),
+    "data.prepare.test_fraction": _Range(0, 1, low_open=True, high_open=True),
+    "data.prepare.val_fraction": _Range(0, 1, high_open=True),
+    "data.prepare.last_n": _POSITIVE,
+    "data.prepare.seed": _SEED,
+    "data.prepare.hash_buckets": _POSITIVE,
+    "data.prepare.min_count": _POSITIVE,
+    "data.prepare.history_max_len": _NON_NEGATIVE,
+    "data.prepare.rows_per_shard": _POSITIVE,
+    "data.prepare.synthetic.users": _POSITIVE,
+    "data.prepare.synthetic.items": _POSITIVE,
+    "data.prepare.synthetic.interactions": _POSITIVE,
+    "data.prepare.synthetic.side_features": _NON_NEGATIVE,
+    "data.prepare.synthetic.zipf": _Range(0, low_open=True),
+    "data.prepare.synthetic.topics": _POSITIVE,
+    "model.embedding_dim": _POSITIVE,
+    "model.tables.*.embedding_dim": _POSITIVE,
+    "model.two_tower.tower_layers[]": _POSITIVE,
+    "model.two_tower.output_dim": _POSITIVE,
+    "model.two_tower.dense_dim": _POSITIVE,
+    "model.two_tower.temperature": _Range(0, low_open=True),
+    "model.two_tower.dropout": _PROBABILITY_OPEN,
+    "model.two_tower.loss.num_negatives": _NON_NEGATIVE,
+    "model.two_tower.loss.num_hard_negatives": _NON_NEGATIVE,
+    "model.two_tower.loss.mix_popular": _FRACTION,
+    "model.dcn.cross_layers": _NON_NEGATIVE,
+    "model.dcn.low_rank": _POSITIVE,
+    "model.dcn.dense_layers[]": _POSITIVE,
+    "model.dcn.top_layers[]": _POSITIVE,
+    "model.dcn.dropout": _PROBABILITY_OPEN,
+    "model.dcn.wide_cross_buckets": _NON_NEGATIVE,
+    "model.dcn.rating_weight": _NON_NEGATIVE,
+    "model.dcn.negatives_per_positive": _NON_NEGATIVE,
+    "model.dcn.hard_negative_ratio": _FRACTION,
+    "model.dcn.hard_negatives_top_n": _POSITIVE,
+    "model.dcn.hard_negatives_skip_top": _NON_NEGATIVE,
+    "model.dcn.eval_negatives": _NON_NEGATIVE,
+    "model.dcn.eval_seed": _SEED,
+    "sharding.tables.*.min_partition": _POSITIVE,
+    "sharding.memory_fraction": _Range(0, 1, low_open=True),
+    "sharding.hbm_cap_gb": _Range(0, low_open=True),
+    "sharding.ddr_cap_gb": _Range(0, low_open=True),
+    "optimizer.sparse_lr": _NON_NEGATIVE,
+    "optimizer.sparse_weight_decay": _NON_NEGATIVE,
+    "optimizer.sparse_eps": _Range(0, low_open=True),
+    "optimizer.dense_lr": _NON_NEGATIVE,
+    "optimizer.dense_weight_decay": _NON_NEGATIVE,
+    "optimizer.warmup_steps": _NON_NEGATIVE,
+    "optimizer.min_lr_ratio": _FRACTION,
+    "optimizer.grad_clip_norm": _NON_NEGATIVE,
+    "training.epochs": _POSITIVE,
+    "training.max_steps": _NON_NEGATIVE,
+    "training.eval_every_steps": _NON_NEGATIVE,
+    "training.early_stopping_patience": _NON_NEGATIVE,
+    "training.seed": _SEED,
+    "evaluation.ks[]": _POSITIVE,
+    "evaluation.max_users": _NON_NEGATIVE,
+    "checkpoint.every_steps": _NON_NEGATIVE,
+    "checkpoint.keep_last": _NON_NEGATIVE,
+    "logging.log_every_steps": _POSITIVE,
+    "logging.histogram_every_steps": _NON_NEGATIVE,
+    "logging.projector_items": _NON_NEGATIVE,
+    "export.num_shards": _NON_NEGATIVE,
+    "export.nlist": _NON_NEGATIVE,
+    "export.pq_m": _POSITIVE,
+    "export.pq_nbits": _Range(1, 16),
+    "export.pq_refine_factor": _NON_NEGATIVE,
+    "export.hnsw_m": _POSITIVE,
+    "export.ef_construction": _POSITIVE,
+    "export.ef_search": _POSITIVE,
+    "export.nprobe": _POSITIVE,
+    "export.train_sample": _POSITIVE,
+    "export.seed": _SEED,
+}
+
+# Text options with a fixed set of values that are plain strings in the dataclasses.
+_TEXT_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.prepare.columns.id_type": ("auto", "int", "string"),
+    "training.device": ("auto", "cpu", "cuda"),
+    "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+}
+
+
+def validate_config(cfg: TrecConfig, where: str = "config") -> None:
+    """Refuse (TrecError naming ``where`` and the dotted key) a value outside its range.
+
+    Called by :func:`load_config` once the file and the overrides are merged, so a bad value
+    stops the command before any data is opened or any process group is formed.
+    """
+    for key, value in _floats(cfg, ""):
+        if not math.isfinite(value):
+            raise TrecError(f"{where}: key '{key}' must be a finite number, got {value}")
+    for pattern, allowed in _RANGES.items():
+        for key, value in _lookup(cfg, pattern.split("."), ""):
+            if value is not None and not allowed.accepts(value):
+                raise TrecError(f"{where}: key '{key}' must be {allowed.describe()}, got {value}")
+    for key, choices in _TEXT_CHOICES.items():
+        value = _lookup_one(cfg, key)
+        if (value.upper() if key == "logging.level" else value) not in choices:
+            raise TrecError(f"{where}: key '{key}' must be one of {', '.join(choices)}, got {quote(value)}")
+    if not cfg.evaluation.ks:
+        raise TrecError(f"{where}: key 'evaluation.ks' must list at least one cut-off, e.g. [10]")
+    _validate_separators(cfg.data.prepare.columns, where)
+
+
+def _validate_separators(columns: ColumnsConfig, where: str) -> None:
+    delimiter = columns.csv_delimiter
+    if len(delimiter) != 1 or delimiter in '\r\n"':
+        hint = " (for a tab, pass a real tab character, e.g. --delimiter $'\\t')" if delimiter == "\\t" else ""
+        raise TrecError(f"{where}: key 'data.prepare.columns.csv_delimiter' must be one character other than a "
+                        f"quote or a line break, got {quote(delimiter)}{hint}")
+    separator = columns.multi_hot_separator
+    if not separator or "\n" in separator or "\r" in separator:
+        raise TrecError(f"{where}: key 'data.prepare.columns.multi_hot_separator' must be non-empty text without "
+                        f"line breaks, got {quote(separator)}")
+
+
+def _lookup(node: object, parts: list[str], prefix: str):
+    """(dotted key, value) pairs of ``parts`` under ``node``, expanding `*` (dict keys) and `name[]` (list items)."""
+    if not parts:
+        yield prefix, node
+        return
+    part, rest = parts[0], parts[1:]
+    if part == "*":
+        for name, child in node.items():
+            yield from _lookup(child, rest, f"{prefix}.{name}")
+        return
+    name = part.removesuffix("[]")
+    child, key = getattr(node, name), f"{prefix}.{name}" if prefix else name
+    if part.endswith("[]"):
+        for position, item in enumerate(child):
+            yield from _lookup(item, rest, f"{key}[{position}]")
+    else:
+        yield from _lookup(child, rest, key)
+
+
+def _lookup_one(cfg: TrecConfig, key: str) -> object:
+    node: object = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _floats(node: object, prefix: str):
+    """(dotted key, value) of every float in the config tree (dataclasses, dicts, lists)."""
+    if isinstance(node, float):
+        yield prefix, node
+    elif is_dataclass(node):
+        for spec in fields(node):
+            yield from _floats(getattr(node, spec.name), f"{prefix}.{spec.name}" if prefix else spec.name)
+    elif isinstance(node, dict):
+        for name, child in node.items():
+            yield from _floats(child, f"{prefix}.{name}")
+    elif isinstance(node, list):
+        for position, child in enumerate(node):
+            yield from _floats(child, f"{prefix}[{position}]")
 
 
 def config_to_yaml(cfg: TrecConfig) -> str:

@@ -36,7 +36,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data_pipeline import layout as L
 from trec.errors import TrecError
-from trec.io import read_json_object, sha256_file
+from trec.io import JsonField, check_json_fields, path_inside, quote, read_json_object, sha256_file
 
 Augment = Callable[
     [np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.random.Generator],
@@ -59,7 +59,9 @@ class RecBatch(Batch):
         manifest order (user_* incl. user_id and user_history, item_* incl. item_id, context
         features); a row with user index -1 has empty user keys, a row with item index -1 has
         empty item keys. values int64, lengths int32.
-    labels: (B,) float32.
+    labels: (B,) float32, the dataset's labels (1.0 where the source has none; a row is a
+        positive when its label is >= data.positive_threshold). The ranker's sampler rewrites
+        them to click targets (1 positive, 0 negative, -1 a padding row the loss ignores).
     ratings: (B,) float32 (0 where the source has no rating).
     """
 
@@ -124,15 +126,35 @@ class FeatureSpec:
 
     @classmethod
     def from_manifest(cls, entry: dict, where: str) -> "FeatureSpec":
-        for key in ("name", "entity", "kind"):
-            if key not in entry:
-                raise TrecError(f"{where}: a feature has no '{key}' ({entry})")
+        if not isinstance(entry, dict):
+            raise TrecError(f"{where}: a feature must be an object, got {quote(entry)}")
+        check_json_fields(entry, {"name": _FEATURE_FIELDS["name"]}, f"{where}: a feature")
+        check_json_fields(entry, _FEATURE_FIELDS, f"{where}: feature '{entry['name']}'")
         if entry["entity"] not in L.ENTITIES or entry["kind"] not in ("categorical", "numeric"):
-            raise TrecError(f"{where}: feature '{entry['name']}': bad entity/kind {entry['entity']}/{entry['kind']}")
-        if entry["kind"] == "categorical" and not entry.get("cardinality"):
+            raise TrecError(f"{where}: feature '{entry['name']}': bad entity/kind "
+                            f"{quote(entry['entity'])}/{quote(entry['kind'])}")
+        if entry["kind"] == "categorical" and entry.get("cardinality") is None:
             raise TrecError(f"{where}: categorical feature '{entry['name']}' has no cardinality")
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in entry.items() if k in known})
+
+
+# The JSON type of every field of a manifest's feature entry (data_pipeline writes them); a new
+# field is one more line here. Other keys ("fill", "missing", "file") are not read.
+_FEATURE_FIELDS = {
+    "name": JsonField(str),
+    "entity": JsonField(str),
+    "kind": JsonField(str),
+    "multi_hot": JsonField(bool, required=False),
+    "cardinality": JsonField(int, minimum=1, nullable=True, required=False),
+    "oov_index": JsonField(int, minimum=0, nullable=True, required=False),
+    "mapping": JsonField(str, nullable=True, required=False),
+    "mapping_file": JsonField(str, nullable=True, required=False),
+    "mean": JsonField(float, nullable=True, required=False),
+    "std": JsonField(float, minimum=0, nullable=True, required=False),
+    "vocab_of": JsonField(str, nullable=True, required=False),
+    "max_len": JsonField(int, minimum=0, nullable=True, required=False),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,6 +186,11 @@ class _Csr:
         offsets = np.zeros(len(column) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
         values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        missing = values < 0
+        if missing.any():  # -1: a missing (null) element of a hashed multi-hot list; no lookup, like single-hot
+            rows = np.repeat(np.arange(len(lengths)), lengths)
+            np.cumsum(np.bincount(rows[~missing], minlength=len(lengths)), out=offsets[1:])
+            values = values[~missing]
         return cls(offsets, values)
 
     def rows(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -205,13 +232,31 @@ class _Csr:
 # the dataset
 # --------------------------------------------------------------------------------------------
 
-_REQUIRED_KEYS = ("format_version", "num_users", "num_items", "counts", "features", "files", "split", "id_mapping")
+# The JSON type of every manifest field trec reads (README "Data"); a new field is one more line.
+_MANIFEST_FIELDS = {
+    "format_version": JsonField(int),
+    "num_users": JsonField(int, minimum=1),
+    "num_items": JsonField(int, minimum=1),
+    "counts": JsonField(dict),
+    "features": JsonField(list, items=JsonField(dict)),
+    "files": JsonField(dict),
+    "split": JsonField(dict),
+    "id_mapping": JsonField(dict),
+    "num_interactions": JsonField(int, minimum=0, required=False),
+    "has_rating": JsonField(bool, required=False),
+    "has_label": JsonField(bool, required=False),
+    "history_max_len": JsonField(int, minimum=0, required=False),
+    "source": JsonField(dict, required=False),
+}
+_FILE_FIELDS = {"bytes": JsonField(int, minimum=0), "sha256": JsonField(str),
+                "rows": JsonField(int, minimum=0, required=False)}
+_ROW_COUNT = JsonField(int, minimum=0)
 
 
 class PreparedDataset:
     """A prepared dataset directory: manifest, feature tables in memory, split shards on disk."""
 
-    def __init__(self, path: Path, manifest: dict) -> None:
+    def __init__(self, path: Path, manifest: dict, positive_threshold: float = L.DEFAULT_POSITIVE_THRESHOLD) -> None:
         self.path = Path(path)
         self.manifest = manifest
         where = str(self.path / L.MANIFEST)
@@ -221,21 +266,30 @@ class PreparedDataset:
         self.num_users = int(manifest["num_users"])
         self.num_items = int(manifest["num_items"])
         self.has_rating = bool(manifest.get("has_rating", False))
+        self.has_label = bool(manifest.get("has_label", False))
+        self.positive_threshold = float(positive_threshold)
+        """A row is a positive when its label is >= this (data.positive_threshold)."""
         self.context_names = [f.name for f in self.features if f.entity == "context"]
         self._single: dict[str, np.ndarray] = {}
         self._multi: dict[str, _Csr] = {}
         self._numeric: dict[str, np.ndarray] = {}
         self._history: _Csr | None = None
         self._raw_cache: dict[str, pa.Table] = {}
-        self._user_items: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
+        self._user_items: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._positives: dict[tuple[str, float], tuple[np.ndarray, np.ndarray]] = {}
+        self._positive_counts: dict[float, np.ndarray] = {}
         self._titles: list[str] | None = None
         self._load_tables()
 
     # ---- opening ------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = False) -> "PreparedDataset":
-        """Read and validate ``manifest.json``; ``verify`` also checks every file's sha256."""
+    def open(cls, path: str | Path, verify: bool = False,
+             positive_threshold: float = L.DEFAULT_POSITIVE_THRESHOLD) -> "PreparedDataset":
+        """Read and validate ``manifest.json``; ``verify`` also checks every file's sha256.
+
+        ``positive_threshold`` (data.positive_threshold): rows with label >= it are positives.
+        """
         path = Path(path)
         manifest_path = path / L.MANIFEST
         if not manifest_path.is_file():
@@ -245,15 +299,13 @@ class PreparedDataset:
         if version != L.FORMAT_VERSION:
             raise TrecError(f"{manifest_path}: format_version {version} is not supported (this trec reads "
                             f"{L.FORMAT_VERSION}); prepare the dataset again with this version")
-        for key in _REQUIRED_KEYS:
-            if key not in manifest:
-                raise TrecError(f"{manifest_path}: missing key '{key}'")
+        _check_manifest_fields(manifest, path, str(manifest_path))
         for relative in manifest["files"]:
             if not (path / relative).is_file():
                 raise TrecError(f"{path / relative}: missing (listed in {L.MANIFEST})")
         if verify:
             verify_files(path, manifest["files"])
-        return cls(path, manifest)
+        return cls(path, manifest, positive_threshold)
 
     def _load_tables(self) -> None:
         for entity, file in (("user", L.USERS_FILE), ("item", L.ITEMS_FILE)):
@@ -265,22 +317,43 @@ class PreparedDataset:
             if entity == "user":
                 self.user_counts = counts
             else:
-                self.item_counts = counts
+                self.item_train_rows = counts
                 if L.TITLE in table.column_names:
                     self._titles = [t or "" for t in table[L.TITLE].to_pylist()]
             for spec in self.features_of(entity):
+                if spec.name in (L.USER_ID, L.ITEM_ID):
+                    _check_id_table(spec, expected, self.path / L.MANIFEST)
                 if spec.name in (L.USER_ID, L.ITEM_ID, L.USER_HISTORY):
                     continue
                 column = table[spec.name]
                 if spec.kind == "numeric":
                     self._numeric[spec.name] = _standardise(column, spec)
-                elif spec.multi_hot:
+                elif spec.multi_hot:  # -1: a missing hashed value (dropped, no lookup)
+                    check_indices(pc.list_flatten(column), -1, spec.cardinality, self.path / file, spec.name)
                     self._multi[spec.name] = _Csr.from_arrow(column)
                 else:
+                    check_indices(column, -1, spec.cardinality, self.path / file, spec.name)
                     self._single[spec.name] = column.to_numpy().astype(np.int64, copy=False)
         if any(f.name == L.USER_HISTORY for f in self.features):
             history = pq.read_table(self.path / L.HISTORY_FILE, columns=["history"])["history"]
+            if len(history) != self.num_users:
+                raise TrecError(f"{self.path / L.HISTORY_FILE}: {len(history)} rows, manifest says {self.num_users}")
+            check_indices(pc.list_flatten(history), 0, self.feature(L.USER_HISTORY).cardinality,
+                          self.path / L.HISTORY_FILE, "history")
             self._history = _Csr.from_arrow(history)
+
+    def check_split_rows(self, table: pa.Table, path: Path) -> None:
+        """Refuse interaction rows whose indices have no row in their table (user, item, context).
+
+        FBGEMM only logs an out-of-range index and looks up row 0 instead, and the feature tables
+        are indexed by these too: a damaged or foreign shard would train on the wrong rows.
+        Vectorised min/max per column, so it costs little beside reading the rows.
+        """
+        bounds = {L.USER_ID: (0, self.num_users), L.ITEM_ID: (0, self.num_items)}
+        bounds |= {name: (-1, self.feature(name).cardinality) for name in self.context_names}
+        for name, (low, high) in bounds.items():
+            if name in table.column_names:
+                check_indices(table[name], low, high, path, name)
 
     # ---- metadata -----------------------------------------------------------------------
 
@@ -340,6 +413,26 @@ class PreparedDataset:
                             f"(seen raw IDs and their buckets are in {spec.mapping_file})")
         return table["raw"].to_numpy(zero_copy_only=False)
 
+    def id_labels(self, feature: str) -> list[str]:
+        """index → printable raw ID, for every index of the table (``cardinality`` entries).
+
+        vocab: the raw ID ('' for the OOV row). hash: the most frequent raw ID the dataset saw in
+        the bucket, with ``+N`` when N other seen IDs share it ('' for a bucket none hashes to),
+        read from the mapping file, since a hash cannot be inverted.
+        """
+        spec, table = self._mapping(feature)
+        labels = [""] * int(spec.cardinality)
+        if spec.mapping == "vocab":
+            for index, raw in enumerate(table["raw"].to_pylist()):
+                labels[index] = str(raw)
+            return labels
+        shared = np.bincount(table["index"].to_numpy(), minlength=len(labels))
+        # The mapping file lists seen IDs by descending count: the first of a bucket is its most frequent.
+        for raw, index in zip(table["raw"].to_pylist(), table["index"].to_pylist()):
+            if not labels[index]:
+                labels[index] = str(raw) + (f"+{shared[index] - 1}" if shared[index] > 1 else "")
+        return labels
+
     def lookup_index(self, feature: str, raw: object) -> int:
         """raw ID → index; TrecError for a raw ID the dataset has never seen."""
         spec, table = self._mapping(feature)
@@ -362,27 +455,87 @@ class PreparedDataset:
         files = self.split_files(split)
         if not files:
             return pa.table({c: pa.array([], pa.int64()) for c in columns})
-        return pa.concat_tables(pq.read_table(f, columns=list(columns)) for f in files)
+        tables = [pq.read_table(f, columns=list(columns)) for f in files]
+        for table, path in zip(tables, files):
+            self.check_split_rows(table, path)
+        return pa.concat_tables(tables)
 
-    def user_items(self, splits: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def user_items(self, splits: Sequence[str], positives: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """CSR of each user's items over ``splits``: offsets (num_users+1,), items (sorted, unique per user).
 
-        Built once per set of splits and kept (every validation asks for the same one): the arrays
-        are shared, so callers must not modify them.
+        Every interaction whatever its label (what the user has seen), or with ``positives`` only
+        the rows with label >= ``positive_threshold``. Built once per set of splits and kept (every
+        validation asks for the same one): the arrays are shared, so callers must not modify them.
         """
         splits = (splits,) if isinstance(splits, str) else tuple(splits)
-        if splits not in self._user_items:
-            keys = [self._pair_keys(split) for split in splits]
+        cache_key = (splits, self.positive_threshold if positives else None)
+        if cache_key not in self._user_items:
+            if positives:
+                keys = [self.positive_pairs(split)[0] for split in splits]
+            else:
+                keys = [self._pair_keys(split) for split in splits]
             keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
-            users, items = np.divmod(keys, self.num_items)
-            offsets = np.zeros(self.num_users + 1, np.int64)
-            np.cumsum(np.bincount(users, minlength=self.num_users), out=offsets[1:])
-            self._user_items[splits] = offsets, items.astype(np.int64)
-        return self._user_items[splits]
+            self._user_items[cache_key] = self._csr(keys)
+        return self._user_items[cache_key]
+
+    def _csr(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted unique keys ``user * num_items + item`` → (offsets (num_users+1,), items)."""
+        users, items = np.divmod(keys, self.num_items)
+        offsets = np.zeros(self.num_users + 1, np.int64)
+        np.cumsum(np.bincount(users, minlength=self.num_users), out=offsets[1:])
+        return offsets, items.astype(np.int64)
 
     def _pair_keys(self, split: str) -> np.ndarray:
         table = self.read_split(split)
         return table[L.USER_ID].to_numpy() * self.num_items + table[L.ITEM_ID].to_numpy()
+
+    def positive_pairs(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """The split's positive (user, item) pairs: (sorted unique keys ``user * num_items + item``,
+        their float32 labels), the highest label where a pair occurs more than once."""
+        cache_key = (split, self.positive_threshold)
+        if cache_key not in self._positives:
+            table = self.read_split(split, (L.USER_ID, L.ITEM_ID, L.LABEL))
+            labels = table[L.LABEL].to_numpy().astype(np.float32)
+            keep = labels >= self.positive_threshold
+            keys = (table[L.USER_ID].to_numpy() * self.num_items + table[L.ITEM_ID].to_numpy())[keep]
+            labels = labels[keep]
+            order = np.lexsort((labels, keys))  # by key, the highest label last
+            keys, labels = keys[order], labels[order]
+            last = np.flatnonzero(np.append(keys[1:] != keys[:-1], True)) if len(keys) else np.zeros(0, np.int64)
+            self._positives[cache_key] = keys[last].astype(np.int64), labels[last]
+        return self._positives[cache_key]
+
+    def user_positive_labels(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """CSR of each user's positive items in ``split`` with their labels: (offsets (num_users+1,),
+        items, labels), the same items as ``user_items([split], positives=True)``."""
+        keys, labels = self.positive_pairs(split)
+        return (*self._csr(keys), labels)
+
+    @property
+    def item_counts(self) -> np.ndarray:
+        """(I,) int64 positive training rows per item (label >= ``positive_threshold``): an item's
+        popularity, for logQ, popular negatives and the popularity baseline."""
+        threshold = self.positive_threshold
+        if threshold not in self._positive_counts:
+            if not self.has_label and threshold <= 1.0:
+                counts = self.item_train_rows  # no label column: every row has label 1.0
+            else:
+                counts = self._count_positive_items()
+            if counts.sum() == 0 and self.item_train_rows.sum() > 0:
+                raise TrecError(f"{self.path}: no training row has label >= {threshold} "
+                                "(data.positive_threshold); lower it or check the label column")
+            self._positive_counts[threshold] = counts
+        return self._positive_counts[threshold]
+
+    def _count_positive_items(self) -> np.ndarray:
+        """Positive train rows per item, read one file at a time (duplicates counted, as train_count does)."""
+        counts = np.zeros(self.num_items, np.int64)
+        for path in self.split_files("train"):
+            table = pq.read_table(path, columns=[L.ITEM_ID, L.LABEL])
+            self.check_split_rows(table, path)
+            positive = table[L.LABEL].to_numpy() >= self.positive_threshold
+            counts += np.bincount(table[L.ITEM_ID].to_numpy()[positive], minlength=self.num_items)
+        return counts
 
     # ---- batches ------------------------------------------------------------------------
 
@@ -466,6 +619,44 @@ class PreparedDataset:
             present = index >= 0
             dense[present, column] = self._numeric[spec.name][index[present]]
         return dense
+
+
+def check_indices(column: pa.Array | pa.ChunkedArray, low: int, high: int, path: Path, name: str) -> None:
+    """Refuse (TrecError naming file and column) a column that is not integers in ``[low, high)`` without nulls."""
+    if not pa.types.is_integer(column.type) or column.null_count:
+        raise TrecError(f"{path}: column '{name}' must hold integer indices without nulls "
+                        f"(found {column.type}, {column.null_count} nulls)")
+    if len(column) == 0:
+        return
+    bounds = pc.min_max(column)
+    smallest, largest = bounds["min"].as_py(), bounds["max"].as_py()
+    if smallest < low or largest >= high:
+        bad = smallest if smallest < low else largest
+        raise TrecError(f"{path}: column '{name}' holds index {bad}, outside {low}..{high - 1} "
+                        f"(the file does not match {L.MANIFEST})")
+
+
+def _check_id_table(spec: FeatureSpec, rows: int, where: Path) -> None:
+    """user_id / item_id index the user / item tables: their embedding tables must have a row for each."""
+    if spec.kind != "categorical" or spec.multi_hot or spec.cardinality < rows:
+        raise TrecError(f"{where}: feature '{spec.name}' must be single-valued categorical with cardinality >= "
+                        f"{rows} (one row per {spec.entity}), got {spec.kind} with cardinality {spec.cardinality}")
+
+
+def _check_manifest_fields(manifest: dict, root: Path, where: str) -> None:
+    """Type-check the manifest (TrecError naming the field); every listed file must stay inside ``root``."""
+    check_json_fields(manifest, _MANIFEST_FIELDS, where)
+    for split, rows in manifest["counts"].items():
+        if not _ROW_COUNT.accepts(rows):
+            raise TrecError(f"{where}: field 'counts.{split}' must be {_ROW_COUNT.describe()}, got {quote(rows)}")
+    for relative, entry in manifest["files"].items():
+        path_inside(root, relative, where)
+        if not isinstance(entry, dict):
+            raise TrecError(f"{where}: field 'files.{relative}' must be an object, got {quote(entry)}")
+        check_json_fields(entry, _FILE_FIELDS, f"{where}: files.{relative}")
+    for entry in manifest["features"]:
+        if isinstance(entry, dict) and entry.get("mapping_file") is not None:
+            path_inside(root, entry["mapping_file"], f"{where}: feature {quote(entry.get('name'))}")
 
 
 def _standardise(column: pa.ChunkedArray, spec: FeatureSpec) -> np.ndarray:
@@ -659,7 +850,9 @@ class InteractionReader:
             table = files[int(file_index)].read_row_group(int(group), columns=self._columns)
             begin = max(low - bounds[position], 0)
             end = min(high, bounds[position + 1]) - bounds[position]
-            parts.append(table.slice(int(begin), int(end - begin)))
+            part = table.slice(int(begin), int(end - begin))
+            self.dataset.check_split_rows(part, self.files[file_index])
+            parts.append(part)
         table = pa.concat_tables(parts)
         return {name: table[name].to_numpy() for name in self._columns}
 

@@ -5,10 +5,12 @@
    takes part in every embedding lookup).
 2. Each rank encodes a disjoint slice of the evaluated users with the user tower (their whole
    training history as input), scores them against every item, removes the items the user
-   already has in training, and takes the top K.
+   already has in training (every training interaction, whatever its label: the user has seen
+   it), and takes the top K.
 3. Metrics are summed per rank and all-reduced (:class:`trec.metrics.RankingAccumulator`).
-The popularity baseline (items ranked by training count, same exclusions) is scored in the
-same pass and reported under ``popularity/``.
+Relevant items are the user's positive rows of the split (label >= data.positive_threshold);
+a user without one is not evaluated. The popularity baseline (items ranked by their count of
+positive training rows, same exclusions) is scored in the same pass, under ``popularity/``.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trec.config import DataConfig, EvaluationConfig
+from trec.config import DataConfig, EvaluationConfig, Gain
 from trec.data import PreparedDataset, RecBatch, gather_ranges, iter_index_batches
 from trec.distributed import DistContext
-from trec.metrics import RankingAccumulator, topk_hits
+from trec.metrics import RankingAccumulator, graded_gain, ideal_gains, topk_gains, topk_hits
 
 logger = logging.getLogger("trec")
 
@@ -87,8 +89,9 @@ def encode_all_items(encode: Callable[[RecBatch], torch.Tensor], dataset, batch_
 
 
 def evaluated_users(dataset: PreparedDataset, split: str, max_users: int, seed: int) -> tuple[np.ndarray, tuple]:
-    """Users with at least one interaction in ``split`` (optionally a seeded sample) and the split's CSR."""
-    offsets, items = dataset.user_items([split])
+    """Users with at least one positive in ``split`` (optionally a seeded sample) and the CSR of
+    the split's positives (label >= the dataset's positive_threshold): the relevant items."""
+    offsets, items = dataset.user_items([split], positives=True)
     users = np.flatnonzero(np.diff(offsets) > 0)
     if 0 < max_users < len(users):
         users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
@@ -97,6 +100,15 @@ def evaluated_users(dataset: PreparedDataset, split: str, max_users: int, seed: 
 
 def _keys(positions: np.ndarray, values: np.ndarray, num_items: int, device) -> torch.Tensor:
     return torch.as_tensor(np.sort(positions * num_items + values), device=device)
+
+
+def _graded_truth(offsets: np.ndarray, labels: np.ndarray, rows: np.ndarray, k: int,
+                  device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Graded gains ``2^label - 1`` of the relevant items of ``rows``: (P,) aligned with the sorted
+    keys of :func:`_keys` (the CSR's items are sorted per user) and U X k ideal gains."""
+    positions, row_labels = csr_pairs(offsets, labels, rows)
+    gains = graded_gain(torch.as_tensor(row_labels, device=device))
+    return gains, ideal_gains(torch.as_tensor(positions, device=device), gains, len(rows), k)
 
 
 def score_topk(scores: torch.Tensor, exclude_keys: torch.Tensor | None, k: int) -> torch.Tensor:
@@ -118,7 +130,7 @@ def exact_ranker(item_table: torch.Tensor) -> Ranker:
 
 
 def popularity_ranker(item_counts: torch.Tensor) -> Ranker:
-    """The baseline: items by training count, whoever the user is."""
+    """The baseline: items by (positive) training count, whoever the user is."""
     return lambda users, excluded, k: score_topk(item_counts.expand(users.shape[0], -1), excluded, k)
 
 
@@ -198,6 +210,7 @@ def evaluate_retrieval(
     num_items = dataset.num_items
     max_k = min(max(cfg.ks), num_items)
     users, (truth_offsets, truth_items) = evaluated_users(dataset, split, cfg.max_users, seed)
+    truth_labels = dataset.user_positive_labels(split)[2] if cfg.gain == Gain.graded else None
     exclusions = dataset.user_items(list(exclude_splits)) if cfg.exclude_train and exclude_splits else None
     rankers = {"": exact_ranker(item_table)}
     if cfg.popularity_baseline:
@@ -217,12 +230,17 @@ def evaluate_retrieval(
             queries = embeddings[start : start + chunk]
             relevant = _keys(*csr_pairs(truth_offsets, truth_items, rows), num_items, ctx.device)
             num_relevant = torch.as_tensor(np.diff(truth_offsets)[rows], device=ctx.device)
+            graded = None
+            if truth_labels is not None:
+                graded = _graded_truth(truth_offsets, truth_labels, rows, max_k, ctx.device)
             excluded = None
             if exclusions is not None:
                 excluded = _keys(*csr_pairs(exclusions[0], exclusions[1], rows), num_items, ctx.device)
             for prefix, ranker in rankers.items():
                 top = ranker(queries, excluded, max_k)
-                accumulators[prefix].add(top, topk_hits(top, relevant, num_items), num_relevant, item_table)
+                gains = None if graded is None else topk_gains(top, relevant, graded[0], num_items)
+                accumulators[prefix].add(top, topk_hits(top, relevant, num_items), num_relevant, item_table,
+                                         gains, None if graded is None else graded[1])
             if index is not None:
                 ann.add(rankers["index/"](queries, None, max_k), rankers[""](queries, None, max_k))
     metrics = {}

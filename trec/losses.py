@@ -5,6 +5,11 @@ followed by N extra items drawn by a sampler. Both samplers favour some items (i
 negatives follow item popularity), so each logit is corrected by the log of the expected
 number of times its item appears among the candidates (logQ correction, Yi et al. RecSys'19);
 without it the model mostly learns to demote popular items.
+
+Rows of a batch that are not positives (label below data.positive_threshold) carry weight 0:
+they add nothing to the loss and their item is no candidate for the other rows, so the in-batch
+candidates are exactly the batch's positives, as the positive-only item counts behind logQ assume.
+The reader cannot drop those rows instead: every rank must read the same number of rows.
 """
 
 from __future__ import annotations
@@ -20,18 +25,22 @@ def candidate_log_q(
     item_probability: torch.Tensor,
     extra_probability: torch.Tensor | None,
     num_positives: int,
+    num_in_batch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """log E[#times each candidate's item is drawn] under in-batch + extra sampling.
 
     Args:
-        candidate_items: (C,) item indices of the candidates (first B are the positives).
+        candidate_items: (C,) item indices of the candidates (first B are the batch's rows).
         item_probability: (I,) probability of an item being a training positive.
         extra_probability: (I,) per-draw probability of the extra-negative sampler, or None.
         num_positives: B.
+        num_in_batch: scalar count of the B rows that are candidates (the positive rows);
+            default B.
     Returns:
         (C,) float log expected counts.
     """
-    expected = num_positives * item_probability[candidate_items]
+    draws = num_positives if num_in_batch is None else num_in_batch
+    expected = draws * item_probability[candidate_items]
     if extra_probability is not None:
         # No branch on the number of extras: the model's forward must stay fx-traceable.
         num_extra = candidate_items.shape[0] - num_positives
@@ -43,6 +52,16 @@ def accidental_hits(candidate_items: torch.Tensor, num_positives: int) -> torch.
     """(B, C) bool: candidate j carries row i's positive item but is not row i's own positive."""
     hits = candidate_items[:num_positives, None] == candidate_items[None, :]
     return hits.fill_diagonal_(False)
+
+
+def non_positive_columns(row_weights: torch.Tensor, num_candidates: int) -> torch.Tensor:
+    """(B, C) bool: candidate j < B belongs to a row of weight 0 (not a positive), off the diagonal.
+
+    Built from ``eye`` rather than by padding, so the forward stays fx-traceable.
+    """
+    own = torch.eye(row_weights.shape[0], num_candidates, dtype=torch.bool, device=row_weights.device)
+    dropped = (own & (row_weights <= 0)[:, None]).any(dim=0)
+    return dropped[None, :] & ~own
 
 
 def scaled_logits(user, candidates, inverse_temperature, log_q: torch.Tensor | None) -> torch.Tensor:
@@ -78,6 +97,7 @@ def sampled_softmax_loss(
     log_q: torch.Tensor | None = None,
     mask_hits: bool = True,
     num_hard: int | None = None,
+    row_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax cross-entropy of each row's positive against all other candidates.
 
@@ -90,17 +110,24 @@ def sampled_softmax_loss(
         mask_hits: mask candidates equal to the row's positive item (other than itself).
         num_hard: if set, only the ``num_hard`` highest-scored extra candidates per row are
             kept as negatives (hard-negative mining from the current model's scores).
+        row_weights: (B,) weight of each row's loss; a row of weight 0 is not a positive and its
+            item is no candidate for the other rows. None: every row weighs 1.
     Returns:
-        scalar mean loss.
+        scalar loss: ``sum(w * ce) / sum(w)`` (the mean when unweighted; 0 when every w is 0).
     """
     num_positives = user.shape[0]
     logits = scaled_logits(user, candidates, inverse_temperature, log_q)
     if mask_hits:
         logits = logits.masked_fill_(accidental_hits(candidate_items, num_positives), _MASKED)
+    if row_weights is not None:
+        logits = logits.masked_fill_(non_positive_columns(row_weights, candidates.shape[0]), _MASKED)
     if num_hard is not None:
         logits = keep_hardest(logits, num_positives, num_hard)
     target = torch.arange(num_positives, device=logits.device)
-    return F.cross_entropy(logits, target)
+    if row_weights is None:
+        return F.cross_entropy(logits, target)
+    per_row = F.cross_entropy(logits, target, reduction="none")
+    return (per_row * row_weights).sum() / row_weights.sum().clamp_min(1e-12)
 
 
 def pointwise_bce_loss(
@@ -109,11 +136,13 @@ def pointwise_bce_loss(
     candidate_items: torch.Tensor,
     inverse_temperature: torch.Tensor | float,
     mask_hits: bool = True,
+    row_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Binary cross-entropy: each row's positive is 1, every other candidate is 0.
 
     Positives and negatives are averaged separately and summed, so the loss does not depend
-    on how many negatives a batch carries. Shapes as in :func:`sampled_softmax_loss`.
+    on how many negatives a batch carries. Shapes and ``row_weights`` as in
+    :func:`sampled_softmax_loss` (a row's negatives weigh what its positive does).
     """
     num_positives = user.shape[0]
     logits = scaled_logits(user, candidates, inverse_temperature, None)
@@ -122,6 +151,11 @@ def pointwise_bce_loss(
     negatives = ~own
     if mask_hits:
         negatives = negatives & ~accidental_hits(candidate_items, num_positives)
+    if row_weights is not None:
+        negatives = negatives & ~non_positive_columns(row_weights, candidates.shape[0])
+        pair_weights = negatives * row_weights[:, None]
+        positive_loss = (per_pair.diagonal() * row_weights).sum() / row_weights.sum().clamp_min(1e-12)
+        return positive_loss + (per_pair * pair_weights).sum() / pair_weights.sum().clamp_min(1e-12)
     positive_loss = per_pair[own].mean()
     negative_loss = (per_pair * negatives).sum() / negatives.sum().clamp_min(1)
     return positive_loss + negative_loss

@@ -5,6 +5,8 @@ for a user with relevant set R and top-K list L,
 
 - precision@K = |L ∩ R| / K,  recall@K = |L ∩ R| / |R|,  hit@K = [L ∩ R ≠ ∅]
 - ndcg@K = Σ_i rel_i / log2(i + 2)  /  Σ_{i < min(|R|, K)} 1 / log2(i + 2)
+  (with graded gain, evaluation.gain = graded: gain g = 2^label − 1 of each relevant item, and
+  ndcg@K = Σ_i g_i / log2(i + 2) / the same sum over the user's gains sorted descending)
 - map@K = Σ_i precision@(i+1) · rel_i / min(|R|, K)
 - mrr@K = 1 / (rank of the first relevant item in L), 0 if none
 - coverage@K = |∪ L| / |catalog|,  diversity@K = 1 − mean pairwise cosine of the items in L
@@ -42,16 +44,56 @@ def topk_hits(topk_items: torch.Tensor, relevant_keys: torch.Tensor, num_items: 
     return torch.isin(rows * num_items + topk_items, relevant_keys) & (topk_items >= 0)
 
 
+def graded_gain(labels: torch.Tensor) -> torch.Tensor:
+    """Gain ``2^label - 1`` of relevant items with graded labels in [0, 1] (label 1 → gain 1)."""
+    return torch.exp2(labels.double()) - 1.0
+
+
+def topk_gains(topk_items: torch.Tensor, relevant_keys: torch.Tensor, relevant_gains: torch.Tensor,
+               num_items: int) -> torch.Tensor:
+    """U X K float64 gain of each recommended item (0 where it is not relevant).
+
+    relevant_keys: sorted int64 keys as in :func:`topk_hits`; relevant_gains: their gains, aligned.
+    """
+    rows = torch.arange(topk_items.shape[0], device=topk_items.device)[:, None]
+    keys = rows * num_items + topk_items
+    if relevant_keys.numel() == 0:
+        return torch.zeros(keys.shape, dtype=torch.float64, device=keys.device)
+    where = torch.searchsorted(relevant_keys, keys).clamp_max(relevant_keys.numel() - 1)
+    found = (relevant_keys[where] == keys) & (topk_items >= 0)
+    return torch.where(found, relevant_gains.double()[where], 0.0)
+
+
+def ideal_gains(rows: torch.Tensor, gains: torch.Tensor, num_rows: int, k: int) -> torch.Tensor:
+    """U X k float64: each row's k largest gains, descending, zero-padded (the ideal ranking).
+
+    rows: (P,) row (0..U-1) of each relevant item; gains: (P,) its gain.
+    """
+    gains = gains.double()
+    by_gain = torch.argsort(-gains, stable=True)
+    order = by_gain[torch.argsort(rows[by_gain], stable=True)]
+    rows, gains = rows[order], gains[order]  # by row, each row's largest gain first
+    starts = torch.searchsorted(rows, torch.arange(num_rows, device=rows.device))
+    rank = torch.arange(rows.numel(), device=rows.device) - starts[rows]
+    ideal = torch.zeros(num_rows, k, dtype=torch.float64, device=rows.device)
+    keep = rank < k
+    ideal[rows[keep], rank[keep]] = gains[keep]
+    return ideal
+
+
 def _discounts(k: int, device) -> torch.Tensor:
     return 1.0 / torch.log2(torch.arange(2, k + 2, device=device, dtype=torch.float64))
 
 
-def ranking_metrics(hits: torch.Tensor, num_relevant: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+def ranking_metrics(hits: torch.Tensor, num_relevant: torch.Tensor, k: int, gains: torch.Tensor | None = None,
+                    graded_ideal: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-user metrics at cut-off ``k``.
 
     Args:
         hits: U X K' bool (K' ≥ k), from :func:`topk_hits`.
         num_relevant: (U,) size of each user's relevant set (> 0).
+        gains, graded_ideal: graded NDCG: U X K' gains of the listed items (:func:`topk_gains`) and
+            U X K'' (K'' ≥ k) the ideal ones (:func:`ideal_gains`); None: binary gain.
     Returns:
         {name: (U,) float64} for the names in ``RANKING_METRICS``.
     """
@@ -63,10 +105,15 @@ def ranking_metrics(hits: torch.Tensor, num_relevant: torch.Tensor, k: int) -> d
     ideal = torch.cumsum(discounts, 0)[ideal_len - 1]
     precision_at_i = torch.cumsum(hits, dim=1) / torch.arange(1, k + 1, device=hits.device, dtype=torch.float64)
     first = torch.where(hits.any(dim=1), hits.argmax(dim=1).double() + 1.0, torch.inf)
+    if gains is None:
+        ndcg = (hits * discounts).sum(dim=1) / ideal
+    else:
+        best_dcg = (graded_ideal[:, :k] * discounts).sum(dim=1)
+        ndcg = (gains[:, :k].double() * discounts).sum(dim=1) / best_dcg.clamp_min(1e-12)
     return {
         "precision": found / k,
         "recall": found / relevant,
-        "ndcg": (hits * discounts).sum(dim=1) / ideal,
+        "ndcg": ndcg,
         "map": (precision_at_i * hits).sum(dim=1) / ideal_len.double(),
         "mrr": 1.0 / first,
         "hit": (found > 0).double(),
@@ -97,11 +144,12 @@ class RankingAccumulator:
         self.users = torch.zeros((), dtype=torch.float64, device=device)
         self.recommended = {k: torch.zeros(num_items, dtype=torch.bool, device=device) for k in self.ks}
 
-    def add(self, topk_items, hits, num_relevant, item_embeddings=None) -> None:
-        """Add a batch of users: U X K lists, U X K hits, (U,) relevant counts."""
+    def add(self, topk_items, hits, num_relevant, item_embeddings=None, gains=None, graded_ideal=None) -> None:
+        """Add a batch of users: U X K lists, U X K hits, (U,) relevant counts (and for graded NDCG
+        U X K gains and U X K ideal gains, see :func:`ranking_metrics`)."""
         self.users += topk_items.shape[0]
         for k in self.ks:
-            for name, values in ranking_metrics(hits, num_relevant, k).items():
+            for name, values in ranking_metrics(hits, num_relevant, k, gains, graded_ideal).items():
                 self.sums[f"{name}@{k}"] += values.sum()
             if item_embeddings is not None:
                 self.sums[f"diversity@{k}"] += intra_list_diversity(topk_items, item_embeddings, k).sum()

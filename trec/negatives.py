@@ -2,14 +2,26 @@
 
 The two-tower task appends N *item-only* rows (user index -1) after the B labelled rows; their
 item embeddings become extra softmax candidates shared by the whole batch. The ranker appends
-*full* (same user, negative item) rows with label 0 instead (:class:`RankingNegativeSampler`).
+*full* (same user, negative item) rows with label 0 instead (:class:`RankingNegativeSampler`),
+k per positive row (label >= data.positive_threshold).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from data_pipeline.layout import DEFAULT_POSITIVE_THRESHOLD
 from trec.config import NegativeStrategy, RetrievalLossConfig
+
+
+# Click target of a row the ranker's loss ignores: the sampled rows of a non-positive row, which
+# keep every training batch at B * (1 + k) rows (ranks must see equal shapes).
+IGNORED_LABEL = -1.0
+
+
+def click_labels(labels: np.ndarray, positive_threshold: float) -> np.ndarray:
+    """(B,) float32 click targets of labelled rows: 1 where label >= the threshold, else 0."""
+    return (np.asarray(labels) >= positive_threshold).astype(np.float32)
 
 
 def popularity_distribution(item_counts: np.ndarray) -> np.ndarray:
@@ -67,10 +79,13 @@ class RankingNegativeSampler:
     the positive itself). Of the k, ``round(k * hard_ratio)`` are drawn uniformly from the
     user's hard candidates (see :meth:`set_hard_candidates`; a user without any falls back to
     random), the rest uniformly from the catalog. Appended rows have label 0 and rating 0.
+    The labelled rows' labels become click targets (1 if label >= ``positive_threshold``, else
+    0: a real negative); only positive rows get sampled negatives.
 
     Args:
         known: (offsets (U+1,), items) CSR of each user's items that must not be negatives.
         num_items: catalog size I.
+        positive_threshold: data.positive_threshold.
     """
 
     # Uniform redraws of a negative that hit a known item; users with nearly the whole
@@ -78,8 +93,10 @@ class RankingNegativeSampler:
     _REDRAWS = 8
 
     def __init__(self, known: tuple[np.ndarray, np.ndarray], num_items: int, per_positive: int,
-                 hard_ratio: float = 0.0) -> None:
+                 hard_ratio: float = 0.0,
+                 positive_threshold: float = DEFAULT_POSITIVE_THRESHOLD) -> None:
         self.num_items = num_items
+        self.positive_threshold = positive_threshold
         self.per_positive = per_positive
         self.num_hard = int(round(per_positive * hard_ratio))
         self._known = _pair_keys(known[0], known[1], num_items)
@@ -142,15 +159,23 @@ class RankingNegativeSampler:
         out[:, num_hard:] = self.random(repeated[:, num_hard:].reshape(-1), rng).reshape(len(users), -1)
         return out
 
-    def __call__(self, users, items, labels, ratings, rng: np.random.Generator):
-        """Reader hook: the B positive rows, then B * k negative rows (positive-major order)."""
+    def __call__(self, users, items, labels, ratings, rng: np.random.Generator, pad: bool = True):
+        """Reader hook: the B rows with click targets, then B * k sampled rows (positive-major order).
+
+        The k rows of a non-positive row are padding with label ``IGNORED_LABEL`` (training
+        batches keep one shape); with ``pad=False`` they are left out instead (evaluation rows).
+        """
+        clicks = click_labels(labels, self.positive_threshold)
         if self.per_positive <= 0:
-            return users, items, labels, ratings
-        negatives = self.negatives(users, rng).reshape(-1)
-        count = len(negatives)
+            return users, items, clicks, ratings
+        owners = users if pad else users[clicks > 0]
+        negatives = self.negatives(owners, rng).reshape(-1)
+        sampled = np.zeros(len(negatives), dtype=np.float32)
+        if pad:
+            sampled[np.repeat(clicks == 0, self.per_positive)] = IGNORED_LABEL
         return (
-            np.concatenate([users, np.repeat(users, self.per_positive)]),
+            np.concatenate([users, np.repeat(owners, self.per_positive)]),
             np.concatenate([items, negatives]),
-            np.concatenate([labels, np.zeros(count, dtype=np.float32)]),
-            np.concatenate([ratings, np.zeros(count, dtype=np.float32)]),
+            np.concatenate([clicks, sampled]),
+            np.concatenate([ratings, np.zeros(len(negatives), dtype=np.float32)]),
         )

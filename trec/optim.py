@@ -9,6 +9,8 @@ whose position is part of the optimizer state and so is checkpointed with it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection
@@ -19,8 +21,6 @@ from torchrec.optim import (
     KeyedOptimizerWrapper,
     RowWiseAdagrad,
     WarmupOptimizer,
-    WarmupPolicy,
-    WarmupStage,
 )
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -52,33 +52,44 @@ def attach_sparse_optimizer(model: nn.Module, cfg: OptimizerConfig) -> None:
             apply_optimizer_in_backward(_SPARSE[cfg.sparse], module.parameters(), kwargs)
 
 
-def _schedule(cfg: OptimizerConfig, total_steps: int) -> list[WarmupStage]:
-    """Linear warm-up from 0, then constant, linear or cosine decay to ``min_lr_ratio``."""
-    stages = []
-    if cfg.warmup_steps > 0:
-        stages.append(WarmupStage(policy=WarmupPolicy.LINEAR, max_iters=cfg.warmup_steps, value=0.0))
-    end = max(total_steps, cfg.warmup_steps + 1)
+def lr_multiplier(cfg: OptimizerConfig, total_steps: int, step: int) -> float:
+    """Factor of the base learning rate for the optimizer step after ``step`` completed steps.
+
+    Linear warm-up from 0 over ``warmup_steps``, then constant, linear or cosine decay that reaches
+    exactly ``min_lr_ratio`` on the last step (``step == total_steps - 1``) and stays there.
+    """
+    if step < cfg.warmup_steps:
+        return step / cfg.warmup_steps
+    if cfg.decay == LRDecay.none:
+        return 1.0
+    # Decay spans the steps after warm-up up to the last one; with no room it is already at its end.
+    span = total_steps - 1 - cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / span) if span > 0 else 1.0
     if cfg.decay == LRDecay.linear:
-        stages.append(
-            WarmupStage(
-                policy=WarmupPolicy.INTERPOLATE,
-                max_iters=end,
-                value=1.0,
-                end_value=cfg.min_lr_ratio,
-                start_interpolating_iters=cfg.warmup_steps,
-            )
-        )
-    elif cfg.decay == LRDecay.cosine:
-        # One half-period of SGDR over the whole run is a plain cosine decay to min_lr_ratio.
-        stages.append(
-            WarmupStage(
-                policy=WarmupPolicy.COSINE_ANNEALING_WARM_RESTARTS,
-                max_iters=end,
-                value=cfg.min_lr_ratio,
-                sgdr_period=2 * end,
-            )
-        )
-    return stages
+        return 1.0 + (cfg.min_lr_ratio - 1.0) * progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class ScheduledOptimizer(WarmupOptimizer):
+    """torchrec's ``WarmupOptimizer`` driven by :func:`lr_multiplier`.
+
+    ``WarmupOptimizer`` keeps its position (steps taken) in the optimizer state, so a checkpoint
+    restores the schedule exactly; its stages cannot express a decay that starts after warm-up
+    and ends on the last step (its cosine counts from step 0 and its interpolation ends one
+    step after the last), so only the per-step factor is replaced here: ``_set_lr`` is the hook
+    ``WarmupOptimizer`` calls at construction, after each step and after a checkpoint load
+    (torchrec 1.8; ``tests/test_consistency.py`` checks all three paths).
+    """
+
+    def __init__(self, optimizer, cfg: OptimizerConfig, total_steps: int, lr: float) -> None:
+        # Set before super().__init__, which applies the factor of step 0.
+        self._multiplier = lambda step: lr_multiplier(cfg, total_steps, step)
+        super().__init__(optimizer, [], lr=lr)
+
+    def _set_lr(self, iter_: int, stage_id: int) -> None:
+        lr = self._lr * self._multiplier(iter_)
+        for param_group in self.param_groups:
+            param_group[self._lr_param] = lr
 
 
 def build_optimizer(sharded: nn.Module, cfg: OptimizerConfig, total_steps: int) -> CombinedOptimizer:
@@ -91,11 +102,10 @@ def build_optimizer(sharded: nn.Module, cfg: OptimizerConfig, total_steps: int) 
     )
     if cfg.grad_clip_norm > 0:
         dense = GradientClippingOptimizer(dense, clipping=GradientClipping.NORM, max_gradient=cfg.grad_clip_norm)
-    stages = _schedule(cfg, total_steps)
     return CombinedOptimizer(
         [
-            ("sparse", WarmupOptimizer(sharded.fused_optimizer, stages, lr=cfg.sparse_lr)),
-            ("dense", WarmupOptimizer(dense, stages, lr=cfg.dense_lr)),
+            ("sparse", ScheduledOptimizer(sharded.fused_optimizer, cfg, total_steps, lr=cfg.sparse_lr)),
+            ("dense", ScheduledOptimizer(dense, cfg, total_steps, lr=cfg.dense_lr)),
         ]
     )
 

@@ -9,11 +9,19 @@ hook for negatives) and its evaluation, via :mod:`trec.models`. The loop owns ev
 else: the pipeline (``TrainPipelineSparseDist``, or torchrec's plain ``TrainPipelineBase``),
 periodic validation with early stopping and best-model tracking, checkpoints, throughput
 logging and TensorBoard.
+
+Resuming never damages a run: a start that changes a key affecting shapes or semantics is
+refused before anything is written (:func:`trec.runs.check_resumable_config`), config.yaml and
+run.json are written only once the model is built and the checkpoint loaded, and a finished run
+(final step reached or early-stopped) trains nothing. SIGTERM (what Kubernetes sends before it
+kills a pod) stops training at the next step boundary with a checkpoint (:class:`_StopSignal`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -22,66 +30,26 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from trec.checkpoint import BEST, Checkpointer, TrainerState, is_complete, latest_checkpoint, load_model_weights
+from trec.checkpoint import (BEST, Checkpointer, TrainerState, is_complete, latest_checkpoint, load_model_weights,
+                             read_trainer_state)
 from trec.config import PipelineKind, TrecConfig, config_to_dict, save_config
 from trec.data import InteractionReader, PreparedDataset, RecBatch
-from trec.distributed import DistContext, barrier, describe_plan, shard_model
+from trec.distributed import DistContext, barrier
 from trec.errors import TrecError
 from trec.io import atomic_write_json, read_json_object
 from trec.metrics import MetricsLogger
 from trec.models import ModelSpec, model_spec
-from trec.optim import attach_sparse_optimizer, build_optimizer, current_learning_rates
+from trec.optim import build_optimizer, current_learning_rates
+from trec.runs import (RunDir, build_sharded_task, check_resumable_config, check_run_dataset, dataset_fingerprint,
+                       finished_reason, read_run_record, short, write_run_record)
 
 logger = logging.getLogger("trec")
 
 
-@dataclass(frozen=True)
-class RunDir:
-    """Where a training run writes: config.yaml, checkpoints/, tb/, metrics.json."""
-
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.root / "tb"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.json"
-
-    def merge_metrics(self, metrics: dict[str, object], prefix: str = "") -> None:
-        """Add ``metrics`` (keys prefixed) to metrics.json, keeping the keys it already has."""
-        previous = read_json_object(self.metrics) if self.metrics.is_file() else {}
-        atomic_write_json(self.metrics, previous | {prefix + key: value for key, value in metrics.items()})
-
-
 def total_training_steps(cfg: TrecConfig, steps_per_epoch: int) -> int:
     return cfg.training.max_steps or cfg.training.epochs * steps_per_epoch
-
-
-def build_sharded_task(cfg: TrecConfig, dataset: PreparedDataset, ctx: DistContext, train: bool) -> tuple[nn.Module, nn.Module]:
-    """(DMP-wrapped task, the unwrapped task) for ``cfg.model`` on ``dataset``.
-
-    With ``train`` the fused sparse optimizer is attached before sharding, as FBGEMM applies it
-    inside the backward pass.
-    """
-    task = model_spec(cfg.model).build_task(cfg.model, dataset)
-    if train:
-        attach_sparse_optimizer(task, cfg.optimizer)
-    sharded = shard_model(task, cfg.sharding, ctx, batch_size=cfg.data.batch_size)
-    logger.info("sharding plan: %s", describe_plan(sharded))
-    return sharded, sharded.module
 
 
 def evaluation_splits(dataset: PreparedDataset) -> tuple[str | None, list[str]]:
@@ -113,17 +81,33 @@ class Trainer:
         self.total_steps = total_training_steps(cfg, self.steps_per_epoch)
         self.metric = cfg.training.early_stopping_metric or spec.default_metric
         self.validation_split, self.test_exclusions = evaluation_splits(dataset)
-        self.state = TrainerState(world_size=ctx.world_size)
+        self.state = TrainerState(world_size=ctx.world_size, dataset_fingerprint=dataset_fingerprint(dataset))
+        self.record: dict | None = None
+        """RUN/run.json as it was when the trainer was built (None: not written yet)."""
+        self.stopped_by: str | None = None
+        """The signal that stopped :meth:`fit` early (a checkpoint was saved), or None."""
+        self._saved_step: int | None = None
         self.tb: MetricsLogger | None = None
         self.pipeline = None
 
     @classmethod
     def build(cls, cfg: TrecConfig, run_dir: Path, ctx: DistContext) -> "Trainer":
+        """Check that ``cfg`` and its dataset may (re)start the run, then build everything (collective).
+
+        A run with a complete checkpoint is refused a config that changes its shapes or meaning
+        and a dataset other than its own, before anything is written. Nothing of the run is
+        written here besides its directory (and a model's setup cache, e.g. mined hard
+        negatives): :meth:`fit` writes config.yaml and run.json once the checkpoint is loaded.
+        """
         run = RunDir(Path(run_dir))
+        trained = latest_checkpoint(run.checkpoints) is not None
+        if trained:
+            check_resumable_config(cfg, run)
+        dataset = PreparedDataset.open(cfg.data.path, positive_threshold=cfg.data.positive_threshold)
+        # A run with nothing trained has nothing to protect: a new start may bind it to another dataset.
+        record = check_run_dataset(run, dataset) if trained else read_run_record(run)
         if ctx.is_main:
             run.root.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run.config)
-        dataset = PreparedDataset.open(cfg.data.path)
         spec = model_spec(cfg.model)
         model, task = build_sharded_task(cfg, dataset, ctx, train=True)
         if spec.setup is not None:
@@ -147,15 +131,36 @@ class Trainer:
             )
         optimizer = build_optimizer(model, cfg.optimizer, total_training_steps(cfg, len(reader)))
         checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint, ctx)
-        return cls(cfg, run, ctx, dataset, spec, model, task, reader, optimizer, checkpointer)
+        trainer = cls(cfg, run, ctx, dataset, spec, model, task, reader, optimizer, checkpointer)
+        trainer.record = record
+        return trainer
+
+    def finished(self) -> str | None:
+        """Why the run's newest checkpoint has nothing left to train (early-stopped, or the final
+        step reached), or None. Reads only that checkpoint's trainer_state.json."""
+        latest = latest_checkpoint(self.run.checkpoints) if self.cfg.checkpoint.resume else None
+        return finished_reason(read_trainer_state(latest), self.total_steps) if latest is not None else None
+
+    def final_metrics(self) -> dict | None:
+        """RUN/metrics.json if it holds the final evaluation of the newest checkpoint, else None."""
+        latest = latest_checkpoint(self.run.checkpoints)
+        if latest is None or not self.run.metrics.is_file():
+            return None
+        metrics = read_json_object(self.run.metrics)
+        return metrics if metrics.get("step") == read_trainer_state(latest).step else None
 
     # ------------------------------------------------------------------------------------
     # the loop
     # ------------------------------------------------------------------------------------
 
     def fit(self) -> TrainerState:
-        """Train from the newest complete checkpoint (or from scratch) to ``total_steps``."""
+        """Train from the newest complete checkpoint (or from scratch) to ``total_steps``.
+
+        Stops early on early stopping, or at the first step boundary after SIGTERM
+        (:attr:`stopped_by` is set); either way the last step trained is checkpointed.
+        """
         self._resume()
+        self._record_run()
         self.tb = MetricsLogger(
             self.run.tensorboard if self.ctx.is_main else None,
             self.cfg.logging.tensorboard,
@@ -173,19 +178,28 @@ class Trainer:
                         # Under torchrun/torchx the output is a pipe: redraw rarely so logs stay readable.
                         mininterval=0.5 if sys.stderr.isatty() else 30.0)
         window = _Throughput(self.cfg.data.batch_size * self.ctx.world_size)
-        stop = False
-        while not stop and self.state.step < self.total_steps:
-            try:
-                outputs = self.pipeline.progress(batches)
-            except StopIteration:
-                break
-            self._advance()
-            window.step()
-            progress.update(1)
-            stop = self._after_step(outputs, window, progress)
-        progress.close()
-        if not stop:
-            self._save(f"step-{self.state.step}")
+        start, stop = self.state.step, False
+        with _StopSignal(self.ctx) as signals:
+            while not stop and self.state.step < self.total_steps and not self.state.early_stopped:
+                try:
+                    outputs = self.pipeline.progress(batches)
+                except StopIteration:
+                    break
+                self._advance()
+                window.step()
+                progress.update(1)
+                stop = self._after_step(outputs, window, progress)
+                if signals.agreed():  # every rank stops after the same step
+                    self.stopped_by, stop = signals.name, True
+            progress.close()
+            if self.state.step > start and self._saved_step != self.state.step:
+                self._save(f"step-{self.state.step}")
+            if not self.stopped_by and signals.agreed():  # during the last save: skip the final evaluation
+                self.stopped_by = signals.name
+        if self.stopped_by and self.ctx.is_main:
+            logger.warning("%s received: stopped at step %d of %d with checkpoint %s; run the same command to "
+                           "resume from it", self.stopped_by, self.state.step, self.total_steps,
+                           self.run.checkpoints / f"step-{self.state.step}")
         return self.state
 
     def _build_pipeline(self):
@@ -282,6 +296,7 @@ class Trainer:
         state.evals_without_improvement += 1
         patience = cfg.early_stopping_patience
         if cfg.early_stopping_metric and patience and state.evals_without_improvement >= patience:
+            state.early_stopped = True  # saved with the step's checkpoint: a later start trains nothing
             logger.info("early stopping at step %d: no improvement of %s for %d evaluations (best %.4f at step %d)",
                         state.step, self.metric, patience, state.best_metric, state.best_step)
             return True
@@ -289,6 +304,21 @@ class Trainer:
 
     def _save(self, name: str) -> None:
         self.checkpointer.save(name, self.model, self.optimizer, self.state)
+        if name != BEST:
+            self._saved_step = self.state.step
+
+    def _record_run(self) -> None:
+        """config.yaml and run.json (rank 0, atomically), written only once the model is built and
+        any checkpoint loaded, so a start that fails before leaves the run's record as it was."""
+        if not self.ctx.is_main:
+            return
+        save_config(self.cfg, self.run.config)
+        fingerprint = self.state.dataset_fingerprint
+        if self.record is None or self.record["dataset"]["fingerprint"] != fingerprint:
+            if self.record is None and self.state.step:
+                logger.warning("%s: binding this run (trained before run.json existed) to %s (fingerprint %s)",
+                               self.run.root, self.dataset.path, short(fingerprint))
+            self.record = write_run_record(self.run, self.dataset, self.record)
 
     def _resume(self) -> None:
         self.checkpointer.discard_incomplete()
@@ -298,6 +328,12 @@ class Trainer:
         if latest is None:
             return
         state = self.checkpointer.load(latest, self.model, self.optimizer, self.cfg.training.seed)
+        ours = self.state.dataset_fingerprint
+        if state.dataset_fingerprint and state.dataset_fingerprint != ours:
+            raise TrecError(f"{latest}: trained on a dataset with fingerprint {short(state.dataset_fingerprint)}, but "
+                            f"{self.dataset.path} has fingerprint {short(ours)}; resume on the dataset it was "
+                            "trained on, or train a new --run-dir")
+        state.dataset_fingerprint = ours  # a checkpoint from before fingerprints were recorded
         if state.world_size != self.ctx.world_size:
             # The split is re-partitioned across a different number of ranks: keep the epoch and
             # the share of it already trained; the exact batch order cannot carry over.
@@ -348,7 +384,7 @@ class Trainer:
                                  self.cfg.data.history_max_len, ids)
         self.model.train()
         titles = self.dataset.item_titles()
-        raw = self.dataset.raw_ids("item_id")
+        raw = self.dataset.id_labels("item_id")  # hash-mapped IDs too
         labels = [str(titles[i]) if titles else str(raw[i]) for i in popular.tolist()]
         self.tb.projector(items[torch.as_tensor(np.searchsorted(ids, popular), device=items.device)], labels,
                           self.state.step)
@@ -356,6 +392,60 @@ class Trainer:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class _StopSignal:
+    """SIGTERM as a request to stop at the next step boundary, agreed on by every rank.
+
+    Kubernetes sends SIGTERM before it kills a pod (and torchrun forwards it to every worker);
+    the handler only sets a flag. Ranks may see the signal at different steps, so
+    :meth:`agreed` all-reduces the flag (MAX) at every step boundary: all ranks stop after the
+    same step and save one consistent checkpoint. The flag is a CPU tensor reduced over gloo (a
+    side group when training on NCCL), so it never waits on the GPU; one scalar per step.
+    """
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx = ctx
+        self.received: int | None = None
+        self.name = "SIGTERM"
+        self._previous = None
+        self._group = None
+
+    def __enter__(self) -> "_StopSignal":
+        import torch.distributed as dist
+
+        if self.ctx.world_size > 1 and dist.is_initialized() and self.ctx.backend != "gloo":
+            self._group = dist.new_group(backend="gloo")  # collective: every rank enters fit together
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: signals cannot be handled here
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank has received the signal (collective)."""
+        import torch.distributed as dist
+
+        flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
+        if self.ctx.world_size > 1 and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(flag.item())
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        if error is not None and self.received is not None:
+            # After SIGTERM, a failing step or collective means a peer is already gone (torchrun stops
+            # the survivors of a dead worker with SIGTERM): no checkpoint can be agreed on, so end the
+            # way SIGTERM ends a process, without a traceback; the newest complete checkpoint stands.
+            logger.warning("SIGTERM received and the process group failed (%s: %s): exiting without a checkpoint",
+                           kind.__name__, str(error).splitlines()[0] if str(error) else "")
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(128 + signal.SIGTERM)
 
 
 class _Throughput:
@@ -404,12 +494,39 @@ def _flat_hparams(cfg: TrecConfig) -> dict[str, object]:
     return flat
 
 
-def train(cfg: TrecConfig, run_dir: Path, ctx: DistContext) -> dict[str, float]:
-    """Train ``cfg`` into ``run_dir`` (resuming if possible) and evaluate on the test split."""
+@dataclass
+class TrainOutcome:
+    """What one ``trec train`` start did."""
+
+    status: str
+    """``trained`` (trained to the end and evaluated), ``finished`` (the run had already finished:
+    nothing trained, metrics.json untouched) or ``stopped`` (SIGTERM: checkpointed, not evaluated)."""
+    step: int
+    metrics: dict[str, float]
+    """The test metrics (for ``finished``, those metrics.json already holds; empty for ``stopped``)."""
+    reason: str = ""
+
+
+def train(cfg: TrecConfig, run_dir: Path, ctx: DistContext) -> TrainOutcome:
+    """Train ``cfg`` into ``run_dir`` (resuming if possible) and evaluate on the test split.
+
+    A run that already finished (final step reached, or early-stopped) and has its final
+    evaluation is left as it is; one that finished training but not its evaluation is evaluated.
+    """
     started = time.time()
     trainer = Trainer.build(cfg, run_dir, ctx)
     try:
-        trainer.fit()
-        return trainer.final_evaluation(started)
+        reason = trainer.finished()
+        if reason is not None:
+            metrics = trainer.final_metrics()
+            if metrics is not None:
+                step = int(metrics["step"])
+                logger.info("run already finished at step %d (%s); nothing to train", step, reason)
+                return TrainOutcome("finished", step, metrics, reason)
+            logger.info("run finished training (%s) but has no final evaluation: evaluating it", reason)
+        state = trainer.fit()
+        if trainer.stopped_by:
+            return TrainOutcome("stopped", state.step, {}, trainer.stopped_by)
+        return TrainOutcome("trained", state.step, trainer.final_evaluation(started))
     finally:
         trainer.close()

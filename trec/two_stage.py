@@ -29,13 +29,14 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from data_pipeline.layout import SPLITS, USER_ID
 from trec.data import PreparedDataset, RecBatch
 from trec.distributed import DistContext, barrier
 from trec.errors import TrecError
 from trec.evaluation import SCORE_CHUNK_ELEMENTS, csr_pairs, encode_all_items, entity_batches, evaluated_users
 from trec.io import atomic_path
 from trec.metrics import RankingAccumulator, topk_hits
-from trec.runs import TrainedRun, load_trained_run, run_config, two_tower_of
+from trec.runs import TrainedRun, check_index_binding, load_trained_run, run_config, two_tower_of
 
 logger = logging.getLogger("trec")
 
@@ -55,7 +56,8 @@ Scorer = Callable[[np.ndarray, np.ndarray], torch.Tensor]
 
 def load_run(run_dir: Path, dataset: PreparedDataset, ctx: DistContext, overrides: Sequence[str] = ()) -> TrainedRun:
     """:func:`trec.runs.load_trained_run`, checked to be trained on ``dataset`` (the same prepared
-    files), since both stages share item and user indices (collective)."""
+    files, and the fingerprint its run.json records), since both stages share item and user
+    indices (collective)."""
     cfg = run_config(Path(run_dir), overrides)
     check_same_dataset(Path(cfg.data.path), dataset, Path(run_dir) / "config.yaml")
     return load_trained_run(Path(run_dir), ctx, overrides, dataset)
@@ -129,6 +131,7 @@ def index_candidates(index) -> Callable[..., CandidateGenerator]:
         from trec.evaluation import search_excluding
 
         tower = two_tower_of(retriever)
+        check_index_binding(index.manifest, retriever, index.root)  # vectors of this run, checkpoint, dataset
         exclusions = dataset.user_items(list(exclude_splits)) if exclude_splits else None
         num_items = dataset.num_items
 
@@ -393,3 +396,57 @@ def recommend_for_user(user: int, retriever: TrainedRun, score: Scorer | None, d
             result.append(Recommendation(item, position[item] + 1, candidate_scores[row, position[item]].item(),
                                          ranker_scores[row, index].item() if score is not None else None))
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# one user, as `trec search` and `trec recommend` serve them
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServedUser:
+    """A raw user ID resolved the one way both single-user commands resolve it."""
+
+    raw: str
+    index: int | None
+    """The user's row; None for an unknown user (not in the dataset's ID mapping) or one with no
+    training interactions: both get the popularity fallback (:func:`popular_items`)."""
+    exclude_splits: list[str]
+    """Splits whose items the user is never recommended: every split of the dataset, or none
+    with ``include_seen``."""
+    seen: np.ndarray
+    """The items of ``exclude_splits`` for this user (sorted, unique; empty for an unknown user)."""
+
+
+def check_k(k: int, num_items: int) -> None:
+    """One line for a -k the catalog cannot fill, before anything sized by k is built."""
+    if k < 1:
+        raise TrecError(f"-k: expected a positive number, got {k}")
+    if k > num_items:
+        raise TrecError(f"k={k} exceeds the catalog of {num_items:,} items; use -k {num_items} or less")
+
+
+def serve_user(dataset: PreparedDataset, raw_user: str, include_seen: bool = False) -> ServedUser:
+    """Resolve ``raw_user`` and the items it must not be recommended (see :class:`ServedUser`).
+
+    Seen items are those the dataset records for the user in any split (train, val and test):
+    a served user is past the evaluation protocol, so everything they interacted with is known.
+    On a hash-mapped dataset the user's row is its bucket, so IDs sharing it share exclusions.
+    """
+    splits = [] if include_seen else [split for split in SPLITS if dataset.has_split(split)]
+    try:
+        user = dataset.lookup_index(USER_ID, raw_user)
+    except TrecError:
+        return ServedUser(str(raw_user), None, splits, np.zeros(0, np.int64))
+    seen = np.zeros(0, np.int64)
+    if splits:
+        offsets, items = dataset.user_items(splits)
+        seen = items[offsets[user] : offsets[user + 1]]
+    known = dataset.user_counts[user] > 0
+    return ServedUser(str(raw_user), user if known else None, splits, seen)
+
+
+def popular_items(dataset: PreparedDataset, k: int, exclude: np.ndarray) -> np.ndarray:
+    """The ``k`` items with the most training interactions, most first, none of ``exclude`` (≤ k items)."""
+    order = np.argsort(-dataset.item_counts, kind="stable")
+    return order[~np.isin(order, exclude)][:k]

@@ -17,6 +17,7 @@ positive interaction.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Iterator
 
@@ -88,9 +89,10 @@ def detect_layout(directory: Path) -> str:
 def _read_all(path: Path, fmt: TextFormat) -> tuple[pa.Table, np.ndarray]:
     """A small side file as one table of strings, plus the line number of every row."""
     batches, lines = [], []
-    for batch, loc in read_text(path, path.name, fmt):
-        batches.append(batch)
-        lines.append(loc.first + np.arange(batch.num_rows))
+    with contextlib.closing(read_text(path, path.name, fmt)) as reader:  # closes the file's reader on an error too
+        for batch, loc in reader:
+            batches.append(batch)
+            lines.append(loc.first + np.arange(batch.num_rows))
     return pa.Table.from_batches(batches).combine_chunks(), np.concatenate(lines)
 
 

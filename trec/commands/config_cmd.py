@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import argparse
 
+from trec.commands import add_override_flags, config_overrides
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("config", help="inspect experiment configs")
     actions = parser.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = actions.add_parser("show", help="print CONFIG merged onto the defaults, with overrides applied")
     show.add_argument("config", metavar="CONFIG", help="YAML file (configs/*.yaml)")
-    show.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE")
-    show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted-key overrides")
+    add_override_flags(show, "override a config value by dotted key, e.g. --set data.batch_size=256")
     show.set_defaults(func=run_show)
 
 
 def run_show(args: argparse.Namespace) -> int:
     from trec.config import config_to_yaml, load_config
 
-    cfg = load_config(args.config, list(args.set_overrides) + list(args.overrides))
+    cfg = load_config(args.config, config_overrides(args))
     print(config_to_yaml(cfg), end="")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trec.commands import add_index_search_flags, add_run_dir_flag, load_index
+from trec.commands import add_index_search_flags, add_override_flags, add_run_dir_flag, config_overrides, load_index
 
 
 def register(subparsers) -> None:
@@ -16,8 +16,7 @@ def register(subparsers) -> None:
     )
     add_run_dir_flag(parser)
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a value of the run's config, e.g. --set evaluation.ks=[10,50]")
+    add_override_flags(parser, "override a value of the run's config, e.g. --set evaluation.ks=[10,50]")
     parser.add_argument("--index", metavar="DIR",
                         help="also rank through this FAISS export of the run (trec export --out): index/... metrics "
                         "beside the exact ones, and the index's ANN recall@K against exact search; with "
@@ -39,19 +38,20 @@ def run(args: argparse.Namespace) -> int:
     from trec.errors import TrecError
     from trec.metrics import format_metrics, format_ranking_table
     from trec.models import model_spec
-    from trec.runs import load_trained_run, run_config, two_tower_of
+    from trec.runs import check_index_binding, load_trained_run, run_config, two_tower_of
     from trec.trainer import excluded_splits
 
-    cfg = run_config(Path(args.run_dir), args.set_overrides)
+    cfg = run_config(Path(args.run_dir), config_overrides(args))
     index = load_index(args) if args.index else None
     with distributed_session(cfg.training.seed, cfg.training.device, cfg.logging.level) as ctx:
-        loaded = load_trained_run(Path(args.run_dir), ctx, args.set_overrides)
+        loaded = load_trained_run(Path(args.run_dir), ctx, config_overrides(args))
         if not loaded.dataset.has_split(args.split):
             raise TrecError(f"{cfg.data.path}: no '{args.split}' split")
         exclusions = excluded_splits(loaded.dataset, args.split)
         extra = {}
         if index is not None:
             two_tower_of(loaded)
+            check_index_binding(index.manifest, loaded, index.root)
             extra["index"] = index
         metrics = model_spec(cfg.model).evaluate(loaded.task, loaded.dataset, args.split, exclusions, cfg, ctx, **extra)
         if ctx.is_main:
@@ -77,18 +77,17 @@ def run_two_stage(args: argparse.Namespace) -> int:
     from trec.distributed import distributed_session
     from trec.errors import TrecError
     from trec.metrics import format_ranking_table
-    from trec.runs import run_config
-    from trec.trainer import RunDir
+    from trec.runs import RunDir, run_config
     from trec.two_stage import evaluate_two_stage_runs, index_candidates
 
     make_generator = index_candidates(load_index(args)) if args.index else None
     if args.candidates < 1:
         raise TrecError(f"--candidates: expected a positive number, got {args.candidates}")
     ranker_dir = RunDir(Path(args.ranker_run_dir))
-    cfg = run_config(ranker_dir.root, args.set_overrides)
+    cfg = run_config(ranker_dir.root, config_overrides(args))
     with distributed_session(cfg.training.seed, cfg.training.device, cfg.logging.level) as ctx:
         metrics = evaluate_two_stage_runs(Path(args.run_dir), ranker_dir.root, ctx, args.split, args.candidates,
-                                          args.set_overrides, make_generator)
+                                          config_overrides(args), make_generator)
         if args.index:
             metrics["two_stage/index"] = str(Path(args.index).resolve())
         if ctx.is_main:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trec.commands import add_run_dir_flag
+from trec.commands import add_override_flags, add_run_dir_flag, config_overrides
 
 
 def register(subparsers) -> None:
@@ -22,8 +22,7 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="export directory (written atomically)")
     parser.add_argument("--users", action="store_true", help="also export user embeddings (users-part-R.parquet)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
-    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a value of the run's config, e.g. --set export.index=hnsw")
+    add_override_flags(parser, "override a value of the run's config, e.g. --set export.index=hnsw")
     parser.set_defaults(func=run)
 
 
@@ -32,9 +31,9 @@ def run(args: argparse.Namespace) -> int:
     from trec.export.encode import export_run
     from trec.runs import load_trained_run, run_config
 
-    cfg = run_config(Path(args.run_dir), args.set_overrides)
+    cfg = run_config(Path(args.run_dir), config_overrides(args))
     with distributed_session(cfg.training.seed, cfg.training.device, cfg.logging.level) as ctx:
-        loaded = load_trained_run(Path(args.run_dir), ctx, args.set_overrides)
+        loaded = load_trained_run(Path(args.run_dir), ctx, config_overrides(args))
         manifest = export_run(loaded, Path(args.out), ctx, users=args.users or cfg.export.users,
                               overwrite=args.overwrite)
         if ctx.is_main:

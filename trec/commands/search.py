@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trec.commands import add_index_search_flags, add_run_dir_flag, load_index
+from trec.commands import (
+    add_index_search_flags,
+    add_override_flags,
+    add_run_dir_flag,
+    config_overrides,
+    describe_exclusions,
+    item_names,
+    load_index,
+    print_popularity_fallback,
+)
 
 
 def register(subparsers) -> None:
@@ -13,7 +22,9 @@ def register(subparsers) -> None:
         "search",
         help="search a FAISS index for a user",
         description="Embed --user (a raw user ID of the dataset) with the run's user tower, search the index "
-        "and print the top -k items with their titles where the dataset has them.",
+        "and print the top -k items with their titles where the dataset has them. Items the user has in any "
+        "split of the dataset are left out (--include-seen keeps them); an unknown user (or one with no training "
+        "data) gets the labelled popularity fallback. trec recommend treats users the same way.",
     )
     parser.add_argument("--index", required=True, metavar="DIR", help="export directory (trec export --out)")
     add_run_dir_flag(parser)
@@ -21,38 +32,43 @@ def register(subparsers) -> None:
     parser.add_argument("-k", type=int, default=10, help="items to return (default 10)")
     add_index_search_flags(parser)
     parser.add_argument("--include-seen", action="store_true",
-                        help="keep items the user already has in the training data")
+                        help="keep items the user already has in the dataset (any split)")
+    add_override_flags(parser, "override a value of the run's config, e.g. --set training.device=cpu")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
+    import torch
 
+    from trec.data import PreparedDataset
     from trec.distributed import distributed_session
-    from trec.errors import TrecError
-    from trec.runs import load_trained_run, run_config, two_tower_of
-    from trec.trainer import excluded_splits
+    from trec.evaluation import search_excluding
+    from trec.runs import check_index_binding, check_run_dataset, load_trained_run, run_config, two_tower_of
+    from trec.two_stage import check_k, serve_user
 
-    if args.k < 1:
-        raise TrecError(f"-k: expected a positive number, got {args.k}")
     index = load_index(args)
-    cfg = run_config(Path(args.run_dir))
+    check_k(args.k, index.num_vectors)
+    cfg = run_config(Path(args.run_dir), config_overrides(args))
+    dataset = PreparedDataset.open(cfg.data.path, positive_threshold=cfg.data.positive_threshold)
+    check_run_dataset(Path(args.run_dir), dataset)
+    user = serve_user(dataset, args.user, args.include_seen)
+    if user.index is None:
+        print_popularity_fallback(dataset, user, args.k)
+        return 0
+    raw_items, titles = item_names(dataset)
     with distributed_session(cfg.training.seed, cfg.training.device, "WARNING") as ctx:
-        loaded = load_trained_run(Path(args.run_dir), ctx)
-        dataset = loaded.dataset
-        user = dataset.lookup_index("user_id", args.user)
-        batch = dataset.build_batch(np.array([user]), np.array([-1]), np.zeros(1, dtype=np.float32),
+        loaded = load_trained_run(Path(args.run_dir), ctx, config_overrides(args), dataset)
+        check_index_binding(index.manifest, loaded, index.root)
+        batch = dataset.build_batch(np.array([user.index]), np.array([-1]), np.zeros(1, dtype=np.float32),
                                     history_max_len=loaded.cfg.data.history_max_len)
-        vector = two_tower_of(loaded).user_embeddings(batch.to(ctx.device)).detach().float().cpu().numpy()
-        offsets, seen_items = dataset.user_items(excluded_splits(dataset, "test"))
-        seen = set() if args.include_seen else set(seen_items[offsets[user]:offsets[user + 1]].tolist())
-        found = index.search(vector, args.k + len(seen))
-        titles = dataset.item_titles()
-        rows = [(int(i), raw, float(score)) for i, raw, score in
-                zip(found.item_indices[0], found.raw_ids[0], found.scores[0]) if i >= 0 and int(i) not in seen]
-        print(f"user {args.user}: top {args.k} of {index.num_vectors:,} items ({index.index_kind}, "
-              f"{len(seen)} seen items excluded)")
-        for rank, (item, raw, score) in enumerate(rows[: args.k], start=1):
-            title = f"  {titles[item]}" if titles else ""
-            print(f"{rank:>3}. {str(raw):>10}  {score:8.4f}{title}")
+        vector = two_tower_of(loaded).user_embeddings(batch.to(ctx.device)).detach().float().cpu()  # 1 X D
+        # Keys row * num_items + item of the one query row (row 0): the items themselves.
+        excluded = torch.as_tensor(user.seen) if len(user.seen) else None
+        items, scores = search_excluding(index, vector, excluded, args.k, dataset.num_items)
+        rows = [(int(i), float(s)) for i, s in zip(items[0].tolist(), scores[0].tolist()) if i >= 0]
+        print(f"user {args.user}: top {len(rows)} of {index.num_vectors:,} items ({index.index_kind}, "
+              f"{describe_exclusions(user)})")
+        for rank, (item, score) in enumerate(rows, start=1):
+            print(f"{rank:>3}. {raw_items[item]:>10}  {score:8.4f}  {titles[item]}")
     return 0

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from trec.commands import add_config_flags, add_data_flag, add_run_dir_flag, config_overrides
+
+STOPPED_EXIT = 143
+"""Exit status of a run stopped by SIGTERM after saving its checkpoint (128 + SIGTERM, as a shell
+reports a terminated process): not success, so `make` stops and torchelastic restarts the group
+(which resumes) where restarts are left."""
 
 
 def register(subparsers) -> None:
@@ -14,7 +20,10 @@ def register(subparsers) -> None:
         help="train a model (two-tower or DCN-v2) on sharded embeddings",
         description="Train into --run-dir, resuming from its newest complete checkpoint if it has one, "
         "then evaluate on the test split and write RUN/metrics.json. Without --config, the run's own "
-        "config.yaml is used (to resume or extend a run).",
+        "config.yaml is used (to resume or extend a run). Resuming refuses a config that changes the "
+        "model's shapes or the training's meaning, and a dataset other than the run's; a finished run "
+        "(final step reached or early-stopped) trains nothing. On SIGTERM, training saves a checkpoint "
+        f"at the next step boundary and exits with status {STOPPED_EXIT}; the same command resumes it.",
     )
     add_config_flags(parser)
     add_data_flag(parser)
@@ -48,8 +57,14 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     cfg = resolve_config(args, run_dir)
     with distributed_session(cfg.training.seed, cfg.training.device, cfg.logging.level) as ctx:
-        metrics = train(cfg, run_dir, ctx)
-        if ctx.is_main:
-            print(format_metrics(metrics))
+        outcome = train(cfg, run_dir, ctx)
+        if ctx.is_main and outcome.status == "finished":
+            print(f"run already finished at step {outcome.step} ({outcome.reason}); nothing to train "
+                  f"(its metrics: {run_dir / 'metrics.json'})")
+        elif ctx.is_main and outcome.status == "stopped":
+            print(f"{outcome.reason}: stopped at step {outcome.step} with a checkpoint; run the same command to "
+                  "resume", file=sys.stderr)
+        elif ctx.is_main:
+            print(format_metrics(outcome.metrics))
             print(f"wrote {run_dir / 'metrics.json'}")
-    return 0
+    return STOPPED_EXIT if outcome.status == "stopped" else 0

@@ -18,7 +18,6 @@ import torch
 from tqdm import tqdm
 
 from trec import __version__
-from trec.checkpoint import read_trainer_state
 from trec.errors import TrecError
 from trec.export.build import build_sharded_index
 from trec.export.layout import EMBEDDINGS_DIR, export_directory
@@ -77,11 +76,10 @@ def export_run(loaded, out: Path, ctx, users: bool = False, overwrite: bool = Fa
     model = two_tower_of(loaded)
     cfg = loaded.cfg
     source = {
-        "run_dir": str(loaded.run.root.resolve()),
+        **loaded.binding(),  # run_id, run_dir, checkpoint_name, step, dataset_fingerprint: checked on every load
         "checkpoint": str(loaded.checkpoint.resolve()),
-        "step": read_trainer_state(loaded.checkpoint).step,
         "config": str(loaded.run.config.resolve()),
-        "dataset": cfg.data.path,
+        "dataset": str(loaded.dataset.path.resolve()),
         "trec_version": __version__,
     }
     with export_directory(out, overwrite=overwrite) as tmp:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Iterator
 
 from trec.errors import TrecError
 from trec.export.comm import barrier, broadcast_bytes, group_rank_world
-from trec.io import atomic_directory
+from trec.io import atomic_directory, discard_interrupted
 
 MANIFEST = "manifest.json"
 EMBEDDINGS_DIR = "embeddings"
@@ -40,13 +39,6 @@ def shard_files_present(root: Path) -> list[str]:
     if not index_dir.is_dir():
         return []
     return sorted(f"{INDEX_DIR}/{p.name}" for p in index_dir.iterdir() if _SHARD_RE.match(p.name))
-
-
-def _discard_interrupted(out_dir: Path) -> None:
-    """Remove ``.OUT.*.tmp`` directories left by an export that died before its rename."""
-    if out_dir.parent.is_dir():
-        for stale in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -81,7 +73,7 @@ def export_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
         message = f"{out_dir}: already exists; choose another output directory or allow overwriting it"
         broadcast_bytes(f"error:{message}".encode())
         raise TrecError(message)
-    _discard_interrupted(out_dir)
+    discard_interrupted(out_dir)  # an export that died before its rename
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         (tmp / EMBEDDINGS_DIR).mkdir()
         (tmp / INDEX_DIR).mkdir()

@@ -13,26 +13,70 @@ Fields (format_version 1):
 - ``id_mapping``: FAISS ids are item indices; ``index/ids.parquet`` maps them to raw IDs;
 - ``embeddings``: the parts per kind (items, users) with their row counts;
 - ``checksums``: SHA-256 of every other file in the directory, by relative path;
-- ``source``: what the caller says the vectors came from (checkpoint, config).
+- ``source``: what the caller says the vectors came from. ``trec export`` records the binding
+  (``run_id``, ``run_dir``, ``checkpoint_name``, ``step``, ``dataset_fingerprint``) beside the
+  checkpoint, config and dataset paths; ``trec search``, ``trec evaluate --index`` and two-stage
+  retrieval through the index refuse it for another run, checkpoint or dataset
+  (:func:`trec.runs.check_index_binding`).
 
 :func:`verify_export` refuses a directory whose files do not match its manifest, naming the file.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 from trec.errors import TrecError
 from trec.export.layout import EMBEDDINGS_DIR, MANIFEST, shard_files_present
 from trec.export.parts import KINDS, part_paths
-from trec.io import atomic_write_json, read_json_object, sha256_file
+from trec.io import JsonField, atomic_write_json, check_json_fields, path_inside, quote, read_json_object, sha256_file
 
 FORMAT_VERSION = 1
-_REQUIRED = (
-    "format_version", "dimension", "metric", "index_kind", "factory", "num_shards", "shard_files",
-    "vectors_per_shard", "num_vectors", "id_mapping", "checksums",
-)
+_FILE = JsonField(str)
+_COUNT = JsonField(int, minimum=0)
+# Every field of format_version 1 with its JSON type (see the module docstring); a new field is
+# one more line here. Fields not listed are ignored by the reader.
+_FIELDS = {
+    "format_version": JsonField(int),
+    "created": JsonField(str, required=False),
+    "versions": JsonField(dict, required=False),
+    "dimension": JsonField(int, minimum=1),
+    "metric": JsonField(str),
+    "normalized": JsonField(bool, required=False),
+    "index_kind": JsonField(str),
+    "factory": JsonField(str),
+    "params": JsonField(dict),
+    "search_defaults": JsonField(dict, required=False),
+    "training": JsonField(dict, nullable=True, required=False),
+    "num_shards": JsonField(int, minimum=1),
+    "shard_files": JsonField(list, items=_FILE),
+    "vectors_per_shard": JsonField(list, items=_COUNT),
+    "num_vectors": _COUNT,
+    "sharding": JsonField(dict, required=False),
+    "id_mapping": JsonField(dict),
+    "embeddings": JsonField(dict, required=False),
+    "checksums": JsonField(dict),
+    "source": JsonField(dict, required=False),
+}
+_TEXT = JsonField(str, required=False)
+_SOURCE_TEXT = JsonField(str, nullable=True, required=False)  # null: unknown (a run made before run.json)
+# The objects inside it, by field name (their own fields are all optional: older exports lack some).
+_NESTED_FIELDS = {
+    "id_mapping": {"file": _TEXT, "faiss_id": _TEXT, "columns": JsonField(list, items=_FILE, required=False),
+                   "raw_id_type": _TEXT, "parts": _TEXT},
+    "sharding": {"rule": _TEXT, "num_shards": JsonField(int, minimum=1, required=False)},
+    "training": {"sample": JsonField(int, minimum=0, required=False), "seed": JsonField(int, required=False)},
+    "versions": {"trec": _TEXT, "faiss": _TEXT, "torch": _TEXT},
+    # source is what the caller says (any JSON); these are the fields the run binding reads.
+    "source": {name: _SOURCE_TEXT for name in ("run_id", "run_dir", "checkpoint_name", "dataset_fingerprint")}
+              | {"step": JsonField(int, minimum=0, nullable=True, required=False)},
+}
+_EMBEDDING_FIELDS = {"parts": JsonField(list, items=_FILE), "rows": JsonField(list, items=_COUNT),
+                     "dimension": JsonField(int, minimum=1)}
+_SEARCH_DEFAULT = JsonField(int, minimum=1)
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _short(digest: str) -> str:
@@ -74,10 +118,35 @@ def read_manifest(root: Path) -> dict:
             f"{MANIFEST}: format_version {manifest.get('format_version')!r} is not supported "
             f"(this trec reads {FORMAT_VERSION}) in {root}"
         )
-    missing = [key for key in _REQUIRED if key not in manifest]
-    if missing:
-        raise TrecError(f"{MANIFEST}: missing field(s) {', '.join(missing)} in {root}")
+    where = str(path)
+    check_json_fields(manifest, _FIELDS, where)
+    for field, fields in _NESTED_FIELDS.items():
+        if manifest.get(field) is not None:
+            check_json_fields(manifest[field], fields, f"{where}: {field}")
+    for kind, listing in (manifest.get("embeddings") or {}).items():
+        if not isinstance(listing, dict):
+            raise TrecError(f"{where}: field 'embeddings.{kind}' must be an object, got {quote(listing)}")
+        check_json_fields(listing, _EMBEDDING_FIELDS, f"{where}: embeddings.{kind}")
+    for name, value in (manifest.get("search_defaults") or {}).items():
+        if not _SEARCH_DEFAULT.accepts(value):
+            raise TrecError(f"{where}: field 'search_defaults.{name}' must be {_SEARCH_DEFAULT.describe()}, "
+                            f"got {quote(value)}")
+    for name, digest in manifest["checksums"].items():
+        if not (isinstance(digest, str) and _SHA256.match(digest)):
+            raise TrecError(f"{where}: checksum of {quote(name)} must be 64 hex digits, got {quote(digest)}")
+    for name in _listed_files(manifest):
+        path_inside(root, name, where)
     return manifest
+
+
+def _listed_files(manifest: dict) -> list[str]:
+    """Every path the manifest names, relative to the export directory."""
+    names = [*manifest["shard_files"], *manifest["checksums"]]
+    if manifest["id_mapping"].get("file"):
+        names.append(manifest["id_mapping"]["file"])
+    for listing in (manifest.get("embeddings") or {}).values():
+        names += listing["parts"]
+    return names
 
 
 def _unlisted_parts(root: Path, listed: set[str]) -> list[str]:
@@ -103,6 +172,10 @@ def verify_export(root: Path, manifest: dict, checksums: bool = True) -> None:
     listed_shards = list(manifest["shard_files"])
     if len(listed_shards) != manifest["num_shards"]:
         raise TrecError(f"{MANIFEST}: num_shards is {manifest['num_shards']} but {len(listed_shards)} shard files are listed")
+    counts = manifest["vectors_per_shard"]
+    if len(counts) != len(listed_shards) or sum(counts) != manifest["num_vectors"]:
+        raise TrecError(f"{MANIFEST}: vectors_per_shard {quote(counts)} does not give num_vectors "
+                        f"{manifest['num_vectors']} over {len(listed_shards)} shards")
     for name in listed_shards:
         if not (root / name).is_file():
             raise TrecError(f"{name}: missing")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trec.errors import TrecError
@@ -30,6 +31,7 @@ from trec.export.kinds import IndexSpec, set_search_params
 from trec.export.layout import EMBEDDINGS_DIR, IDS_FILE
 from trec.export.manifest import read_manifest, verify_export
 from trec.export.parts import read_embedding_parts
+from trec.io import path_inside
 
 logger = logging.getLogger("trec")
 
@@ -54,9 +56,20 @@ class RawIds:
         self.is_integer = raw_ids.dtype.kind in "iu"
 
     @classmethod
-    def read(cls, path: Path) -> "RawIds":
-        table = pq.read_table(path)
-        indices = table.column("index").to_numpy()
+    def read(cls, path: Path, num_vectors: int | None = None) -> "RawIds":
+        """Read ``ids.parquet``; its ``index`` column must be distinct non-negative item indices, sorted."""
+        try:
+            table = pq.read_table(path, columns=["index", "raw_id"])
+        except (OSError, pa.ArrowInvalid, KeyError) as error:
+            raise TrecError(f"{IDS_FILE}: not a readable id mapping ({error})") from None
+        column = table.column("index")
+        if not pa.types.is_integer(column.type) or column.null_count:
+            raise TrecError(f"{IDS_FILE}: column 'index' must be integers without nulls, found {column.type}")
+        indices = column.to_numpy().astype(np.int64)
+        if len(indices) and (indices[0] < 0 or np.any(np.diff(indices) <= 0)):
+            raise TrecError(f"{IDS_FILE}: column 'index' must be distinct non-negative item indices in ascending order")
+        if num_vectors is not None and len(indices) != num_vectors:
+            raise TrecError(f"{IDS_FILE}: {len(indices)} rows, manifest.json says num_vectors {num_vectors}")
         raw = table.column("raw_id").to_numpy(zero_copy_only=False)
         return cls(indices, raw if raw.dtype.kind in "iu" else raw.astype(object))
 
@@ -71,6 +84,39 @@ class RawIds:
             out = np.full(flat.shape, None, dtype=object)
         out[known] = self.raw_ids[pos[known]]
         return out.reshape(np.shape(item_indices))
+
+
+def _stored_ids(shard, name: str) -> np.ndarray:
+    """The ids a shard returns from search: an ``IDMap``'s id map, or an IVF index's inverted lists."""
+    faiss = faiss_module()
+    index = faiss.downcast_index(shard)
+    if hasattr(index, "id_map"):
+        return faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
+    try:
+        ivf = faiss.extract_index_ivf(shard)
+    except RuntimeError:
+        raise TrecError(f"{name}: a {type(index).__name__} is not an index shard trec writes (IDMap or IVF)") from None
+    lists = ivf.invlists
+    ids = [faiss.rev_swig_ptr(lists.get_ids(number), lists.list_size(number)).copy()
+           for number in range(ivf.nlist) if lists.list_size(number)]
+    return np.concatenate(ids).astype(np.int64, copy=False) if ids else np.zeros(0, np.int64)
+
+
+def _check_shard_ids(name: str, ids: np.ndarray, catalog: np.ndarray, shard: int, num_shards: int) -> None:
+    """Every id a shard stores is an item index of the export's catalog (``ids.parquet``), in this shard.
+
+    Search results are item indices that index dataset tables and embedding rows downstream; an id
+    outside the catalog would be looked up as some other item, or past the end of a table.
+    """
+    position = np.minimum(np.searchsorted(catalog, ids), max(len(catalog) - 1, 0))
+    unknown = ids[(len(catalog) == 0) | (catalog[position] != ids)] if len(ids) else ids
+    if len(unknown):
+        raise TrecError(f"{name}: stores item index {int(unknown[0])}, which is not in {IDS_FILE} "
+                        f"({len(unknown)} such ids; the shard does not belong to this export)")
+    misplaced = ids[ids % num_shards != shard]  # SHARDING_RULE: item index % num_shards
+    if len(misplaced):
+        raise TrecError(f"{name}: stores item index {int(misplaced[0])}, which belongs in shard "
+                        f"{int(misplaced[0] % num_shards)} (sharding rule: item index % {num_shards})")
 
 
 class ShardedIndex:
@@ -102,6 +148,9 @@ class ShardedIndex:
         device = check_device(device)
         shards = [cls._read_shard(root, name, manifest, count)
                   for name, count in zip(manifest["shard_files"], manifest["vectors_per_shard"])]
+        raw_ids = RawIds.read(path_inside(root, IDS_FILE, IDS_FILE), manifest["num_vectors"])
+        for shard_number, (name, shard) in enumerate(zip(manifest["shard_files"], shards)):
+            _check_shard_ids(name, _stored_ids(shard, name), raw_ids.indices, shard_number, len(shards))
         spec = IndexSpec(manifest["index_kind"], manifest["dimension"], manifest["factory"], manifest["params"])
         on_gpu = device == "cuda" and spec.gpu_capable
         if device == "cuda" and not on_gpu:
@@ -113,7 +162,7 @@ class ShardedIndex:
             combined.add_shard(shard)
         # IndexShards merges per-shard top-k by its own metric: it must rank by largest inner product.
         combined.metric_type = faiss.METRIC_INNER_PRODUCT
-        index = cls(root, manifest, shards, combined, RawIds.read(root / IDS_FILE), "cuda" if on_gpu else "cpu")
+        index = cls(root, manifest, shards, combined, raw_ids, "cuda" if on_gpu else "cpu")
         index._apply_search_params()
         return index
 
@@ -133,6 +182,13 @@ class ShardedIndex:
         if shard.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise TrecError(f"{name}: metric is not inner product (metric_type {shard.metric_type})")
         return shard
+
+    def check_catalog(self, num_items: int, where: str) -> None:
+        """Refuse an export holding an item index outside a dataset's ``num_items`` items (``where``: the dataset)."""
+        indices = self._raw_ids.indices
+        if len(indices) and int(indices[-1]) >= num_items:
+            raise TrecError(f"{self.root}: holds item index {int(indices[-1])}, but {where} has only {num_items} "
+                            f"items (0..{num_items - 1}); the export is of another dataset")
 
     # ------------------------------------------------------------------------------ description
 

@@ -16,7 +16,9 @@ The top MLP ends in a click logit and, when ``rating_weight > 0``, a rating pred
 ``wide_cross`` a wide part adds a full-rank item-to-item score of the candidate against the
 user's history (:class:`WideCross`, another sharded table) to the click logit. The
 task (:class:`RankingTask`) samples negatives per positive (:class:`~trec.negatives.RankingNegativeSampler`,
-uniform and, from a trained two-tower, hard) and trains ``L = BCE(click) + α·MSE(rating | positives)``.
+uniform and, from a trained two-tower, hard) and trains ``L = BCE(click) + α·MSE(rating | positives)``,
+where click = 1 for a positive row (label >= data.positive_threshold) and 0 for a labelled
+non-positive row or a sampled negative.
 """
 
 from __future__ import annotations
@@ -246,9 +248,11 @@ def _wide_cross(cfg: DCNConfig, dataset: PreparedDataset) -> WideCross | None:
 class RankingTask(nn.Module):
     """The ranker plus its loss: ``forward(batch) -> (loss, outputs)``.
 
-    A training batch holds B positives followed by B * k sampled negatives (``augment``), all
-    full (user, item) rows with labels. ``L = BCE(click) + α · MSE(rating)``, the MSE over the
-    positive rows only (negatives have no rating).
+    A training batch holds B labelled rows followed by B * k sampled rows (``augment``), all
+    full (user, item) rows whose labels the sampler turned into click targets: 1 (positive), 0
+    (a labelled non-positive row or a sampled negative), or -1 (the sampled rows of a
+    non-positive row: padding, weight 0). ``L = BCE(click) + α · MSE(rating)``, the BCE a mean
+    over the rows of weight 1, the MSE over the positive rows only (negatives have no rating).
     """
 
     def __init__(self, cfg: ModelConfig, dataset: PreparedDataset) -> None:
@@ -263,12 +267,16 @@ class RankingTask(nn.Module):
         self.rating_weight = dcn.rating_weight
         self.model = DCNRanker(cfg, dataset, mean_train_rating(dataset) if dcn.rating_weight > 0 else None)
         self.augment = RankingNegativeSampler(
-            dataset.user_items(["train"]), dataset.num_items, dcn.negatives_per_positive, dcn.hard_negative_ratio
+            dataset.user_items(["train"]), dataset.num_items, dcn.negatives_per_positive, dcn.hard_negative_ratio,
+            dataset.positive_threshold,
         )
 
     def forward(self, batch: RecBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits, ratings = self.model(batch)
-        click_loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        # No branch on the data (the pipeline traces this forward): padding rows (-1) weigh 0.
+        counted = (batch.labels >= 0).to(logits.dtype)
+        per_row = F.binary_cross_entropy_with_logits(logits, batch.labels.clamp_min(0.0), reduction="none")
+        click_loss = (per_row * counted).sum() / counted.sum().clamp_min(1.0)
         loss, outputs = click_loss, {"click_loss": click_loss.detach()}
         if ratings is not None:
             # No branch on the data (the pipeline traces this forward): weight by "is positive".
@@ -281,15 +289,16 @@ class RankingTask(nn.Module):
 
 
 def mean_train_rating(dataset: PreparedDataset) -> float:
-    """Mean rating of the training split (read one file at a time)."""
-    import pyarrow.compute as pc
+    """Mean rating of the training split's positive rows, the rows the rating head learns (read one
+    file at a time)."""
     import pyarrow.parquet as pq
 
     total, count = 0.0, 0
     for path in dataset.split_files("train"):
-        column = pq.read_table(path, columns=[L.RATING])[L.RATING]
-        total += float(pc.sum(column).as_py() or 0.0)
-        count += len(column)
+        table = pq.read_table(path, columns=[L.RATING, L.LABEL])
+        positive = table[L.LABEL].to_numpy() >= dataset.positive_threshold
+        total += float(np.nansum(table[L.RATING].to_numpy()[positive], dtype=np.float64))
+        count += int(positive.sum())
     return total / max(count, 1)
 
 
@@ -321,29 +330,35 @@ def setup_dcn(task: RankingTask, cfg, dataset: PreparedDataset, ctx, run_dir: Pa
 
 def held_out_rows(dataset: PreparedDataset, split: str, cfg: DCNConfig,
                   hard: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, ...]:
-    """(users, items, labels, ratings) of the split's positives, then ``eval_negatives`` negatives
-    per positive (positive-major order).
+    """(users, items, click labels, ratings) of the split's rows, then ``eval_negatives`` negatives
+    per positive row (positive-major order).
+
+    A row's click label is 1 when its label is >= the dataset's positive_threshold, else 0: a
+    held-out non-positive row is a negative beside the sampled ones.
 
     Negatives avoid every item the user has in any split and come from one generator seeded by
     ``eval_seed``: the rows are identical on every rank, for every world size and every model.
     They are uniform over the catalog, or with ``hard`` (a user → items CSR) drawn from the
     user's hard candidates.
     """
-    columns = [L.USER_ID, L.ITEM_ID] + ([L.RATING] if dataset.has_rating else [])
+    columns = [L.USER_ID, L.ITEM_ID, L.LABEL] + ([L.RATING] if dataset.has_rating else [])
     table = dataset.read_split(split, columns)
     users = table[L.USER_ID].to_numpy().astype(np.int64)
     items = table[L.ITEM_ID].to_numpy().astype(np.int64)
+    labels = table[L.LABEL].to_numpy().astype(np.float32)
     ratings = table[L.RATING].to_numpy().astype(np.float32) if dataset.has_rating else np.zeros(len(users), np.float32)
     known = dataset.user_items([s for s in L.SPLITS if dataset.has_split(s)])
-    sampler = RankingNegativeSampler(known, dataset.num_items, cfg.eval_negatives, 0.0 if hard is None else 1.0)
+    sampler = RankingNegativeSampler(known, dataset.num_items, cfg.eval_negatives, 0.0 if hard is None else 1.0,
+                                     dataset.positive_threshold)
     if hard is not None:
         sampler.set_hard_candidates(*hard)
-    return sampler(users, items, np.ones(len(users), np.float32), ratings, np.random.default_rng(cfg.eval_seed))
+    return sampler(users, items, labels, ratings, np.random.default_rng(cfg.eval_seed), pad=False)
 
 
 @torch.no_grad()
 def evaluate_dcn(task: RankingTask, dataset: PreparedDataset, split: str, exclude_splits, cfg, ctx) -> dict[str, float]:
-    """auc, logloss, ne, calibration (and rating_mse) on the split's positives vs uniform negatives.
+    """auc, logloss, ne, calibration (and rating_mse) on the split's rows (positives, and its
+    non-positive rows as negatives) and uniform negatives sampled per positive.
 
     When the task has hard candidates (training with hard negatives), ``hard_auc`` is the AUC
     of the same positives against negatives from their user's hard candidates: how well the

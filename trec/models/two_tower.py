@@ -95,9 +95,12 @@ class TwoTower(nn.Module):
 class RetrievalTask(nn.Module):
     """The two-tower model plus its loss: ``forward(batch) -> (loss, outputs)``.
 
-    A batch holds B labelled (user, positive item) rows followed by N item-only rows drawn by
-    the :class:`~trec.negatives.ExtraItemSampler` (``augment``). Candidates for every row are
-    the B positives (in-batch negatives) and the N extras.
+    A batch holds B labelled (user, item) rows followed by N item-only rows drawn by the
+    :class:`~trec.negatives.ExtraItemSampler` (``augment``). A labelled row is a positive when
+    its label is >= data.positive_threshold; the others weigh 0 in the loss and are no
+    candidates (see :mod:`trec.losses`). Candidates for every row are the batch's positives
+    (in-batch negatives) and the N extras. With ``loss.label_weighting`` a positive row weighs
+    its (graded) label, else 1.
     """
 
     def __init__(self, cfg: ModelConfig, dataset: PreparedDataset) -> None:
@@ -105,6 +108,7 @@ class RetrievalTask(nn.Module):
         tt = cfg.two_tower
         self.model = TwoTower(cfg, dataset)
         self.loss_cfg = tt.loss
+        self.positive_threshold = dataset.positive_threshold
         self.augment = ExtraItemSampler(tt.loss, dataset.item_counts)
         self.register_buffer(
             "item_probability", torch.tensor(popularity_distribution(dataset.item_counts), dtype=torch.float32)
@@ -128,7 +132,8 @@ class RetrievalTask(nn.Module):
         user = self.model.user_tower(batch.sparse_features, batch.dense_features, num_positives)
         candidates = self.model.item_tower(batch.sparse_features, batch.dense_features)
         candidate_items = batch.sparse_features["item_id"].values()
-        loss = self.loss(self.model.finish(user), self.model.finish(candidates), candidate_items, num_positives)
+        loss = self.loss(self.model.finish(user), self.model.finish(candidates), candidate_items, num_positives,
+                         self.row_weights(batch.labels))
         outputs = {
             "loss": loss.detach(),
             # Norms before normalisation: how far the towers drift, logged as histograms.
@@ -137,20 +142,28 @@ class RetrievalTask(nn.Module):
         }
         return loss, outputs
 
-    def loss(self, user, candidates, candidate_items, num_positives: int) -> torch.Tensor:
+    def row_weights(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B,) loss weight of each labelled row: 0 below the positive threshold, else 1 (or the
+        label with ``label_weighting``). No branch on the data: the forward is fx-traced."""
+        positive = (labels >= self.positive_threshold).to(labels.dtype)
+        return positive * labels if self.loss_cfg.label_weighting else positive
+
+    def loss(self, user, candidates, candidate_items, num_positives: int, row_weights: torch.Tensor) -> torch.Tensor:
         cfg = self.loss_cfg
         if cfg.kind == RetrievalLoss.bce:
             return pointwise_bce_loss(
-                user, candidates, candidate_items, self.inverse_temperature, cfg.mask_accidental_hits
+                user, candidates, candidate_items, self.inverse_temperature, cfg.mask_accidental_hits, row_weights
             )
         log_q = None
         if cfg.logq_correction:
-            log_q = candidate_log_q(candidate_items, self.item_probability, self.extra_probability, num_positives)
+            log_q = candidate_log_q(candidate_items, self.item_probability, self.extra_probability, num_positives,
+                                    (row_weights > 0).sum())
         num_hard = None
         if cfg.negatives == NegativeStrategy.hard and cfg.num_negatives > 0:
             num_hard = max(1, min(cfg.num_hard_negatives, cfg.num_negatives))
         return sampled_softmax_loss(
-            user, candidates, candidate_items, self.inverse_temperature, log_q, cfg.mask_accidental_hits, num_hard
+            user, candidates, candidate_items, self.inverse_temperature, log_q, cfg.mask_accidental_hits, num_hard,
+            row_weights,
         )
 
 
