@@ -69,7 +69,7 @@ def _trec_job(
         job_env.update(_NCCL_ENV)
     job_env.update(env or {})  # the caller's values win over every default above
     job_env["PET_MAX_RESTARTS"] = str(max_restarts)
-    return dist.ddp(
+    app = dist.ddp(
         *command,
         m="trec",
         name=name,
@@ -82,6 +82,14 @@ def _trec_job(
         env=job_env,
         mounts=mounts,
     )
+    # torchrun's own arguments, but through trec.launch: a user error in the workers ends the job
+    # in their one `error: ...` line instead of the launcher's forty-line traceback.
+    role = app.roles[0]
+    shell, script = role.args
+    if not script.startswith("torchrun "):
+        raise RuntimeError(f"torchx's dist.ddp changed its command line: {script[:80]}")
+    role.args = [shell, "python -m trec.launch " + script[len("torchrun "):]]
+    return app
 
 
 def train(

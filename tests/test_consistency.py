@@ -191,6 +191,17 @@ def test_k_beyond_the_catalog_is_one_line_before_anything_is_built(hash_run, run
         assert proc.stderr.strip() == "error: k=1000000000000 exceeds the catalog of 4,096 items; use -k 4096 or less"
 
 
+def test_evaluation_cutoff_beyond_the_catalog_is_refused_before_training(hash_run, run_trec, tmp_path):
+    data, _, _ = hash_run
+    run_dir = tmp_path / "run"
+    proc = run_trec("train", "--config", "configs/movielens_two_tower.yaml", "--data", data, "--run-dir", run_dir,
+                    "evaluation.ks=[10,5000]", "training.max_steps=2", check=False, timeout=300)
+    # Before: trained, then reported "ndcg@5000" computed over the 4,096 items there are.
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: evaluation.ks: k=5000 exceeds the catalog of 4096")
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.json").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # --set KEY=VALUE and trailing KEY=VALUE everywhere
 # --------------------------------------------------------------------------------------------

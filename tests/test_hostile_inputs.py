@@ -2,7 +2,11 @@
 
 Each case builds its files in a temporary directory and runs ``python -m trec ...`` as a
 subprocess (an abort at interpreter exit or a traceback printed by a library would show there
-and not in-process). The corpus is table-driven: one row per kind of hostile input.
+and not in-process). The corpus is table-driven: one row per kind of hostile input. Bad
+configs (YAML and values out of range) run in-process through ``trec.cli.main``: the same code
+path, without an interpreter start per case. Then: tampered JSON, outputs that cannot be
+written (a file in the way, a full or read-only tmpfs), a closed stdout, and user errors under
+torchrun.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from training import REPO, child_env
 
 HEADER = "user_id,item_id,rating,timestamp\n"
 ROWS = "1,10,4,100\n2,20,5,101\n1,20,3,102\n2,10,2,103\n"
-INT64_MAX = np.iinfo(np.int64).max
 
 
 def _csv(tmp: Path, text: str | bytes, *flags: str) -> list[str]:
@@ -75,6 +78,12 @@ def _duplicate_parquet_columns(tmp: Path) -> list[str]:
     table = pa.Table.from_arrays([pa.array([1, 2]), pa.array([3, 4]), pa.array([5, 6]), pa.array([0, 1])],
                                  names=["user_id", "item_id", "user_id", "timestamp"])
     return _parquet(tmp, table)
+
+
+def _parquet_garbage(tmp: Path) -> list[str]:
+    path = tmp / "log.parquet"
+    path.write_bytes(b"PAR1" + os.urandom(2000) + b"PAR1")
+    return ["data", "prepare", "parquet", "--source", str(path)]
 
 
 def _billion_laughs(tmp: Path) -> list[str]:
@@ -178,12 +187,6 @@ CONFIG_CASES = [
     ("topics-zero", _set("data.prepare.synthetic.topics=0"), "data.prepare.synthetic.topics"),
     ("huge-override-value", _set("data.batch_size=" + "9" * 5000), "data.batch_size"),
 ]
-
-
-def _parquet_garbage(tmp: Path) -> list[str]:
-    path = tmp / "log.parquet"
-    path.write_bytes(b"PAR1" + os.urandom(2000) + b"PAR1")
-    return ["data", "prepare", "parquet", "--source", str(path)]
 
 
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -319,6 +322,7 @@ def test_broken_pipe_exits_quietly():
     assert proc.returncode == 141
 
 
+@pytest.mark.slow
 def test_failed_prepare_never_aborts(tmp_path):
     """A bad u.item stops prepare in the middle of reading it: the exit is a clean 2, every time
     (an Arrow read-ahead thread left to interpreter shutdown once made it SIGABRT now and then)."""
@@ -337,6 +341,7 @@ def test_failed_prepare_never_aborts(tmp_path):
 
 # --- under torchrun --------------------------------------------------------------------------------
 
+@pytest.mark.dist
 def test_torchrun_worker_error_is_one_line(tmp_path):
     """A user error inside the workers: the line once (rank 0), quoted by the agent's summary from
     torchelastic's error file, and no Python traceback of trec."""
@@ -381,6 +386,7 @@ def test_full_disk_during_checkpoint_is_one_line(small_mount, tiny_dataset):
     errors = [line for line in stderr.splitlines() if "error:" in line]
     assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
     assert errors == [f"error: writing {disk / 'run'}: no space left on device (free some space or write elsewhere)"]
+    assert not list((disk / "run" / "checkpoints").glob(".*.tmp"))  # no half-written checkpoint left behind
 
 
 def test_utf8_bom_csv_is_accepted(tmp_path):
@@ -389,3 +395,20 @@ def test_utf8_bom_csv_is_accepted(tmp_path):
     proc = run_cli([*_csv(tmp_path, "\ufeff" + HEADER + ROWS), "--out", str(out), "--quiet"], cwd=REPO)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     assert json.loads((out / "manifest.json").read_text())["num_interactions"] == 4
+
+
+@pytest.mark.dist
+def test_trec_launch_ends_in_the_one_line(tmp_path):
+    """`python -m trec.launch` (torchrun's arguments): a user error in the workers is the last line,
+    printed once, exit 2, and no launcher traceback."""
+    not_prepared = tmp_path / "not_prepared"
+    not_prepared.mkdir()
+    command = [sys.executable, "-m", "trec.launch", "--standalone", "--nproc_per_node=2", "-m", "trec",
+               "train", "--config", "configs/movielens_two_tower.yaml", "--data", str(not_prepared),
+               "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=child_env(), cwd=REPO)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-4000:]
+    assert " error: " in lines[-1] and str(not_prepared) in lines[-1], lines[-1]
+    assert sum(" error: " in line for line in lines) == 1, proc.stderr[-4000:]

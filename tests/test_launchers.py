@@ -66,11 +66,12 @@ def _mounts(task: dict) -> dict:
 # --- AppDefs (in process) ------------------------------------------------------------------------
 
 
-def test_train_component_runs_trec_train_under_torchrun():
+def test_train_component_runs_trec_train_under_torchrun_through_trec_launch():
     app = load_components().train("--config", "c.yaml", "--run-dir", "r", j="2x4", max_restarts=3, gpu=4)
     (role,) = app.roles
     command = role.args[-1]
-    assert command.startswith("torchrun ")
+    # torchrun's arguments, run by trec.launch so a user error ends in one line
+    assert command.startswith("python -m trec.launch --rdzv_backend c10d ")
     assert "--nnodes 2" in command and "--nproc_per_node 4" in command
     assert command.endswith("-m trec train --config c.yaml --run-dir r")
     assert role.env["PET_MAX_RESTARTS"] == "3"  # torchrun's --max-restarts, read from the environment
@@ -147,7 +148,7 @@ def test_train_dryrun_is_a_volcano_gang_of_gpu_nodes():
         assert container["image"] == CUDA_IMAGE
         command = container["command"]
         assert command[:2] == ["bash", "-c"]
-        assert re.match(r"torchrun --rdzv_backend c10d --rdzv_endpoint \S+:29500 .*--nnodes 2 --nproc_per_node 2 ",
+        assert re.match(r"python -m trec.launch --rdzv_backend c10d --rdzv_endpoint \S+:29500 .*--nnodes 2 --nproc_per_node 2 ",
                         command[2])
         assert command[2].endswith(
             "-m trec train --config configs/movielens_two_tower.yaml --data /data/ml100k --run-dir /runs/tt"
@@ -285,7 +286,7 @@ def test_local_cwd_dryrun_runs_torchrun_from_the_working_tree():
     proc = _torchx("run", "-s", "local_cwd", "--dryrun", "./launchers/components.py:train", "-j", "1x2",
                    "--", "--config", "configs/movielens_two_tower.yaml", "--data", "d", "--run-dir", "r")
     out = re.sub(r"['\"]\s*\n\s*['\"]", "", proc.stdout)  # undo the pretty-printer's string wrapping
-    assert "--nnodes 1 --nproc_per_node 2" in out
+    assert "python -m trec.launch --rdzv_backend c10d" in out and "--nnodes 1 --nproc_per_node 2" in out
     assert "-m trec train --config configs/movielens_two_tower.yaml --data d --run-dir r" in out
     assert f"'cwd': '{REPO}'" in out
     assert "runs/torchx-logs" in out  # [local_cwd] log_dir from .torchxconfig

@@ -315,8 +315,12 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        dcp.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint_id=str(tmp))
-        torch.save(_rng_state(), tmp / f"rng-rank-{self.ctx.rank}.pt")
+        try:
+            dcp.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint_id=str(tmp))
+            torch.save(_rng_state(), tmp / f"rng-rank-{self.ctx.rank}.pt")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: leave no half-written checkpoint behind
+            raise
         barrier()
         if self.ctx.is_main:
             atomic_write_json(tmp / STATE_FILE, asdict(state) | {"world_size": self.ctx.world_size, "complete": True})

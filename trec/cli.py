@@ -19,6 +19,7 @@ from typing import Sequence
 
 from trec import __version__
 from trec.errors import TrecError
+from trec.launch import LAUNCHER_ENV
 
 # Order is the order `trec --help` lists them in.
 _COMMAND_MODULES = (
@@ -139,7 +140,9 @@ def _fail(message: str) -> int:
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         _write_error_file(error_file, line)
-    if not error_file or os.environ.get("RANK", "0") == "0":
+    # Under `python -m trec.launch` the launcher prints the first failure's line, once, at the end.
+    launcher_prints = bool(error_file) and os.environ.get(LAUNCHER_ENV) == "1"
+    if not launcher_prints and (not error_file or os.environ.get("RANK", "0") == "0"):
         print(line, file=sys.stderr)
     return 2
 

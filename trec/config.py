@@ -691,7 +691,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         cfg = OmegaConf.to_object(merged)
     except oc_errors.OmegaConfBaseException as error:
         raise TrecError(f"{path or 'config'}: {_describe(error)}") from None
-    validate_config(cfg, str(path) if path is not None else "config")
+    where = str(path) if path is not None else "config"
+    validate_config(cfg, f"{where} with overrides" if overrides else where)
     return cfg
 
 
@@ -715,11 +716,16 @@ class _Range:
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
     def describe(self) -> str:
+        low, high = _number(self.low), _number(self.high)
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {low}"
         if self.low is None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'<' if self.high_open else '<='} {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number(value: float | None) -> str:
+    return str(value) if isinstance(value, int) or value is None else f"{value:g}"
 
 
 _POSITIVE = _Range(1)  # counts and sizes: at least one
@@ -736,7 +742,7 @@ _RANGES: dict[str, _Range] = {
     "data.prefetch_batches": _NON_NEGATIVE,
     "data.history_max_len": _NON_NEGATIVE,
     "data.positive_threshold": _Range(0, 1, low_open=True),
-    "data.prepare.test_fraction": _Range(0, 1, low_open=True, high_open=True),
+    "data.prepare.test_fraction": _Range(0, 1, high_open=True),
     "data.prepare.val_fraction": _Range(0, 1, high_open=True),
     "data.prepare.last_n": _POSITIVE,
     "data.prepare.seed": _SEED,

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from trec.config import DataConfig, EvaluationConfig, Gain
 from trec.data import PreparedDataset, RecBatch, gather_ranges, iter_index_batches
 from trec.distributed import DistContext
+from trec.errors import TrecError
 from trec.metrics import RankingAccumulator, graded_gain, ideal_gains, topk_gains, topk_hits
 
 logger = logging.getLogger("trec")
@@ -182,6 +183,14 @@ class AnnRecall:
         return {f"ann_recall@{k}": (sums[i] / sums[-1].clamp_min(1)).item() for i, k in enumerate(self.ks)}
 
 
+def check_cutoffs(ks: Sequence[int], dataset: PreparedDataset) -> None:
+    """Refuse (one line) a top-K cut-off beyond the catalog: its metrics would silently be of fewer items."""
+    too_large = [k for k in ks if k > dataset.num_items]
+    if too_large:
+        raise TrecError(f"evaluation.ks: k={max(too_large)} exceeds the catalog of {dataset.num_items} items of "
+                        f"{dataset.path}; use cut-offs of at most {dataset.num_items}")
+
+
 @torch.no_grad()
 def evaluate_retrieval(
     user_encoder: Callable[[RecBatch], torch.Tensor],
@@ -207,8 +216,9 @@ def evaluate_retrieval(
     Returns:
         flat keys: ``ndcg@10`` ... for exact search, ``popularity/ndcg@10`` ..., ``index/...``.
     """
+    check_cutoffs(cfg.ks, dataset)
     num_items = dataset.num_items
-    max_k = min(max(cfg.ks), num_items)
+    max_k = max(cfg.ks)
     users, (truth_offsets, truth_items) = evaluated_users(dataset, split, cfg.max_users, seed)
     truth_labels = dataset.user_positive_labels(split)[2] if cfg.gain == Gain.graded else None
     exclusions = dataset.user_items(list(exclude_splits)) if cfg.exclude_train and exclude_splits else None

@@ -176,7 +176,7 @@ def check_run_dataset(run: RunDir | Path, dataset: PreparedDataset) -> dict | No
 RESUMABLE_KEYS = (
     "data.path", "data.eval_batch_size", "data.prefetch_batches", "data.prepare.",
     "training.epochs", "training.max_steps", "training.eval_every_steps", "training.early_stopping_patience",
-    "training.pipeline", "training.log_every_steps", "training.device",
+    "training.pipeline", "training.device",
     "sharding.", "evaluation.", "checkpoint.", "logging.", "export.",
 )
 
@@ -285,9 +285,11 @@ def load_trained_run(run_dir: Path, ctx: DistContext, overrides: Sequence[str] =
     return TrainedRun(run, cfg, dataset, model, task, checkpoint, record)
 
 
-def check_index_binding(manifest: dict, loaded: TrainedRun, where: Path) -> None:
-    """Refuse (one line) an export at ``where`` that was not made from ``loaded``'s run, its current
-    inference checkpoint and its dataset: its item vectors would not match the run's user tower."""
+def check_index_binding(index, loaded: TrainedRun) -> None:
+    """Refuse (one line) an export (a :class:`trec.export.ShardedIndex`) that was not made from
+    ``loaded``'s run, its current inference checkpoint and its dataset, or that holds an item index
+    outside the dataset's catalog: its item vectors would not match the run's user tower."""
+    manifest, where = index.manifest, index.root
     source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
     redo = f"export the run again (trec export --run-dir {loaded.run.root} --out {where} --overwrite)"
     if not isinstance(source.get("dataset_fingerprint"), str):
@@ -305,6 +307,7 @@ def check_index_binding(manifest: dict, loaded: TrainedRun, where: Path) -> None
         raise TrecError(f"{where}: holds the vectors of checkpoint {source.get('checkpoint_name')} at step "
                         f"{source.get('step')}, but {loaded.run.root} now loads {ours['checkpoint_name']} at step "
                         f"{ours['step']} (trained further?); {redo}")
+    index.check_catalog(loaded.dataset.num_items, str(loaded.dataset.path))
 
 
 def two_tower_of(loaded: TrainedRun):

@@ -38,6 +38,7 @@ from trec.config import PipelineKind, TrecConfig, config_to_dict, save_config
 from trec.data import InteractionReader, PreparedDataset, RecBatch
 from trec.distributed import DistContext, barrier
 from trec.errors import TrecError
+from trec.evaluation import check_cutoffs
 from trec.io import atomic_write_json, read_json_object
 from trec.metrics import MetricsLogger
 from trec.models import ModelSpec, model_spec
@@ -104,6 +105,7 @@ class Trainer:
         if trained:
             check_resumable_config(cfg, run)
         dataset = PreparedDataset.open(cfg.data.path, positive_threshold=cfg.data.positive_threshold)
+        check_cutoffs(cfg.evaluation.ks, dataset)  # before training, not at its final evaluation
         # A run with nothing trained has nothing to protect: a new start may bind it to another dataset.
         record = check_run_dataset(run, dataset) if trained else read_run_record(run)
         if ctx.is_main:
@@ -180,18 +182,20 @@ class Trainer:
         window = _Throughput(self.cfg.data.batch_size * self.ctx.world_size)
         start, stop = self.state.step, False
         with _StopSignal(self.ctx) as signals:
-            while not stop and self.state.step < self.total_steps and not self.state.early_stopped:
-                try:
-                    outputs = self.pipeline.progress(batches)
-                except StopIteration:
-                    break
-                self._advance()
-                window.step()
-                progress.update(1)
-                stop = self._after_step(outputs, window, progress)
-                if signals.agreed():  # every rank stops after the same step
-                    self.stopped_by, stop = signals.name, True
-            progress.close()
+            try:
+                while not stop and self.state.step < self.total_steps and not self.state.early_stopped:
+                    try:
+                        outputs = self.pipeline.progress(batches)
+                    except StopIteration:
+                        break
+                    self._advance()
+                    window.step()
+                    progress.update(1)
+                    stop = self._after_step(outputs, window, progress)
+                    if signals.agreed():  # every rank stops after the same step
+                        self.stopped_by, stop = signals.name, True
+            finally:
+                progress.close()  # ends the bar's line: an error message must start on a line of its own
             if self.state.step > start and self._saved_step != self.state.step:
                 self._save(f"step-{self.state.step}")
             if not self.stopped_by and signals.agreed():  # during the last save: skip the final evaluation

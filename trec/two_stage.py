@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.layout import SPLITS, USER_ID
-from trec.data import PreparedDataset, RecBatch
+from trec.data import PreparedDataset, RecBatch, check_indices
 from trec.distributed import DistContext, barrier
 from trec.errors import TrecError
 from trec.evaluation import SCORE_CHUNK_ELEMENTS, csr_pairs, encode_all_items, entity_batches, evaluated_users
@@ -131,7 +131,7 @@ def index_candidates(index) -> Callable[..., CandidateGenerator]:
         from trec.evaluation import search_excluding
 
         tower = two_tower_of(retriever)
-        check_index_binding(index.manifest, retriever, index.root)  # vectors of this run, checkpoint, dataset
+        check_index_binding(index, retriever)  # vectors of this run, checkpoint, dataset
         exclusions = dataset.user_items(list(exclude_splits)) if exclude_splits else None
         num_items = dataset.num_items
 
@@ -319,7 +319,7 @@ def load_or_mine_hard_candidates(cache: Path, retrieval_dir: Path, top_n: int, s
     ``cache`` (Parquet, atomically, by rank 0). Collective."""
     source = str(Path(retrieval_dir).resolve())
     settings = {"retrieval_run": source, "top_n": str(top_n), "skip": str(skip)}
-    cached = _read_hard_candidates(cache, settings, dataset.num_users)
+    cached = _read_hard_candidates(cache, settings, dataset.num_users, dataset.num_items)
     if cached is not None:
         logger.info("hard negatives: reusing %s (mined from %s)", cache, source)
         return cached
@@ -342,15 +342,21 @@ def _write_hard_candidates(path: Path, offsets: np.ndarray, items: np.ndarray, s
         pq.write_table(table, tmp)
 
 
-def _read_hard_candidates(path: Path, settings: dict[str, str], num_users: int):
+def _read_hard_candidates(path: Path, settings: dict[str, str], num_users: int, num_items: int):
     if not path.is_file():
         return None
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        raise TrecError(f"{path}: not a readable hard-negatives cache ({error}); delete it to mine again") from None
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     if any(meta.get(key) != value for key, value in settings.items()) or table.num_rows != num_users:
         logger.warning("hard negatives: %s was mined with other settings (%s); mining again", path, meta)
         return None
+    if "items" not in table.column_names or not pa.types.is_list(table["items"].type):
+        raise TrecError(f"{path}: no list column 'items'; delete it to mine again")
     column = table["items"].combine_chunks()
+    check_indices(column.flatten(), 0, num_items, path, "items")  # FBGEMM would clamp a bad index silently
     offsets = column.offsets.to_numpy().astype(np.int64)
     return offsets - offsets[0], column.flatten().to_numpy().astype(np.int64)
 

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         extra = {}
         if index is not None:
             two_tower_of(loaded)
-            check_index_binding(index.manifest, loaded, index.root)
+            check_index_binding(index, loaded)
             extra["index"] = index
         metrics = model_spec(cfg.model).evaluate(loaded.task, loaded.dataset, args.split, exclusions, cfg, ctx, **extra)
         if ctx.is_main:

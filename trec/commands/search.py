@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     raw_items, titles = item_names(dataset)
     with distributed_session(cfg.training.seed, cfg.training.device, "WARNING") as ctx:
         loaded = load_trained_run(Path(args.run_dir), ctx, config_overrides(args), dataset)
-        check_index_binding(index.manifest, loaded, index.root)
+        check_index_binding(index, loaded)
         batch = dataset.build_batch(np.array([user.index]), np.array([-1]), np.zeros(1, dtype=np.float32),
                                     history_max_len=loaded.cfg.data.history_max_len)
         vector = two_tower_of(loaded).user_embeddings(batch.to(ctx.device)).detach().float().cpu()  # 1 X D

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from trec import __version__
 from trec.config import ExportConfig
 from trec.errors import TrecError
-from trec.export.backend import deserialize, faiss_module, faiss_version, serialize
+from trec.export.backend import deserialize, faiss_version, serialize
 from trec.export.comm import all_succeeded, barrier, broadcast_bytes, group_rank_world
 from trec.export.kinds import IndexSpec, add_vectors, index_spec, train_template
 from trec.export.layout import EMBEDDINGS_DIR, IDS_FILE, INDEX_DIR, MANIFEST, shard_file
@@ -184,8 +184,13 @@ def build_shard(paths: list[Path], out_dir: Path, shard: int, num_shards: int, t
     if len(ids) != expected:
         raise TrecError(f"{shard_file(shard)}: read {len(ids)} vectors, rank 0 counted {expected} (parts changed during export?)")
     index = add_vectors(deserialize(template_bytes), ids, vectors, spec, device)
-    with atomic_path(out_dir / shard_file(shard)) as tmp:
-        faiss_module().write_index(index, str(tmp))
+    # Serialized here and written by Python: faiss.write_index ignores a failed fwrite, so a full
+    # disk would leave a truncated shard (checksummed into the manifest as if it were whole).
+    data = serialize(index)
+    with atomic_path(out_dir / shard_file(shard)) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _embedding_listing(out_dir: Path) -> dict:
