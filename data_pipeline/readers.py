@@ -10,9 +10,11 @@ fields stops with its line.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import glob
 import io
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +140,29 @@ def _open_text(path: Path, fmt: TextFormat) -> io.IOBase | str:
     return io.BytesIO(path.read_bytes().replace(fmt.delimiter.encode(fmt.encoding), b"\t"))
 
 
+@contextlib.contextmanager
+def _undecodable_rows(found: list[UnicodeDecodeError]) -> Iterator[None]:
+    """Record, instead of printing, pyarrow's failure to decode an invalid row for ``invalid_row_handler``.
+
+    pyarrow decodes a malformed row's bytes as UTF-8 before calling the handler; bytes that are
+    not UTF-8 fail inside Cython, which prints "Exception ignored ..." and a traceback to stderr
+    (sys.unraisablehook). Such a row means the file is not valid text: the caller says so.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, UnicodeDecodeError):
+            found.append(unraisable.exc_value)
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+
+
 def read_text(path: Path, display: str, fmt: TextFormat) -> Iterator[tuple[pa.RecordBatch, Location]]:
     """Record batches of string columns, each with the Location of its first row (line numbers)."""
     _check_not_empty(path, display)
@@ -167,15 +192,17 @@ def read_text(path: Path, display: str, fmt: TextFormat) -> Iterator[tuple[pa.Re
     line = header_lines + 1
     rows = 0
     reader = None
+    undecodable: list[UnicodeDecodeError] = []
     try:
-        reader = pacsv.open_csv(_open_text(path, fmt), reader_options, parse_options, convert_options)
-        for batch in reader:
-            for start, stop in _runs(~_blank_rows(batch)):
-                rows += stop - start
-                yield batch.slice(start, stop - start), Location(display, "line", line + start)
-            line += batch.num_rows
+        with _undecodable_rows(undecodable):
+            reader = pacsv.open_csv(_open_text(path, fmt), reader_options, parse_options, convert_options)
+            for batch in reader:
+                for start, stop in _runs(~_blank_rows(batch)):
+                    rows += stop - start
+                    yield batch.slice(start, stop - start), Location(display, "line", line + start)
+                line += batch.num_rows
     except pa.ArrowInvalid as error:
-        if "invalid UTF8" in str(error):
+        if "invalid UTF8" in str(error) or undecodable:
             raise TrecError(encoding_error(path, display, fmt.encoding)) from None
         if invalid:
             row = invalid[0]

@@ -104,7 +104,8 @@ def to_int64(array: pa.Array, loc: Location, column: str) -> pa.Array:
             return stripped.cast(pa.int64())
         except (pa.ArrowInvalid, OverflowError):
             for offset, text in enumerate(stripped.to_pylist()):
-                if not -(2**63) <= int(text) < 2**63:
+                # Length first: int() refuses strings of more than 4300 digits (a ValueError, not a range).
+                if len(text.lstrip("-").lstrip("0")) > 19 or not -(2**63) <= int(text) < 2**63:
                     loc.fail(offset, column, f"{quote(text)} is out of range for int64")
             raise
     raise TrecError(f"{loc.file}: column {column}: type {kind} is not an integer type")

@@ -107,3 +107,27 @@ def test_an_index_of_another_run_or_checkpoint_is_refused(ml100k_prepared, tmp_p
         retriever = load_trained_run(run_b, ctx)
         with pytest.raises(TrecError, match=re.escape(f"not from {run_b}")):
             index_candidates(ShardedIndex.load(export))(retriever, retriever.dataset, ["train"], ctx)
+
+
+def test_an_index_of_another_legacy_run_is_refused(tmp_path):
+    """Runs made before run.json have no run ID: an export of one must not pass for another on the same
+    dataset and checkpoint name/step (None == None), the run directory tells them apart. Stub run and
+    index: only the recorded binding is compared."""
+    from types import SimpleNamespace
+
+    from trec.runs import check_index_binding
+
+    def legacy_run(root: Path):
+        binding = {"run_id": None, "run_dir": str(root.resolve()), "checkpoint_name": "step-2", "step": 2,
+                   "dataset_fingerprint": "f" * 64}
+        return SimpleNamespace(run=SimpleNamespace(root=root), binding=lambda: binding,
+                               dataset=SimpleNamespace(path=tmp_path / "data", num_items=10))
+
+    run_a, run_b = legacy_run(tmp_path / "a"), legacy_run(tmp_path / "b")
+    checked = []
+    index = SimpleNamespace(root=tmp_path / "export", manifest={"source": run_a.binding()},
+                            check_catalog=lambda num_items, where: checked.append(num_items))
+    check_index_binding(index, run_a)  # its own run
+    assert checked == [10]
+    with pytest.raises(TrecError, match=re.escape(f"not from {tmp_path / 'b'}")):
+        check_index_binding(index, run_b)

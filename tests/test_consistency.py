@@ -177,7 +177,7 @@ def test_an_unknown_user_gets_the_same_labelled_fallback_from_both(hash_run, run
     searched = run_trec("search", "--index", export, "--run-dir", run_dir, "--user", "999999", "-k", "3").stdout
     recommended = run_trec("recommend", "--run-dir", run_dir, "--user", "999999", "-k", "3").stdout
     assert searched == recommended  # before: search failed with "unknown raw ID"
-    assert "user 999999 is unknown (or has no training data): popularity fallback" in searched
+    assert "user 999999 is unknown (or has no positive training row): popularity fallback" in searched
     assert "Star Wars (1977)" in searched  # the most rated movie of ML-100K
     assert _listed_items(searched, 1)[0] == "50"  # its raw MovieLens ID
 

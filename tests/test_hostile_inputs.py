@@ -92,10 +92,24 @@ def _billion_laughs(tmp: Path) -> list[str]:
     return _yaml(tmp, "\n".join(lines) + "\n")
 
 
+def _movielens(tmp: Path, ratings: bytes) -> list[str]:
+    """An ML-100K directory whose u.data is ``ratings`` (u.user and u.item of two valid rows)."""
+    source = tmp / "ml"
+    source.mkdir()
+    (source / "u.data").write_bytes(ratings)
+    (source / "u.user").write_text("1|24|M|technician|85711\n2|53|F|other|94043\n")
+    genres = "|0" * 19
+    (source / "u.item").write_text(f"1|A (1995)|01-Jan-1995||{genres}\n2|B (1995)|01-Jan-1995||{genres}\n")
+    return ["data", "prepare", "movielens", "--source", str(source)]
+
+
 # (id, build args from a temp dir, text the one error line must contain)
 CASES = [
     # --- text encodings and layout -------------------------------------------------------------
     ("csv-not-utf8", lambda t: _csv(t, HEADER.encode() + b"1,10,4,100\n2,\xff\xfe20,5,101\n"), "not valid UTF-8"),
+    # a malformed row that is not UTF-8: pyarrow failed to decode it for the invalid-row handler and
+    # printed "Exception ignored ..." with a traceback before the error line
+    ("ml-ratings-binary", lambda t: _movielens(t, b"\x00\x01\x02\xff\xfe" * 100), "not valid UTF-8"),
     ("csv-header-not-utf8", lambda t: _csv(t, b"user_id,item\xe9_id,rating,timestamp\n1,10,4,100\n"),
      "not valid UTF-8"),
     ("csv-duplicate-columns", lambda t: _csv(t, "user_id,item_id,rating,timestamp,user_id\n1,10,4,100,3\n"),
@@ -112,6 +126,11 @@ CASES = [
     ("separator-newline", lambda t: _csv(t, HEADER + ROWS, "--multi-hot-separator", "\n"), "multi_hot_separator"),
     # --- IDs beyond int64 ------------------------------------------------------------------------
     ("csv-id-beyond-int64", lambda t: _csv(t, HEADER + f"1,{2**64 - 1},4,100\n"), "out of range for int64"),
+    # int() refuses more than 4300 digits (a ValueError, once a traceback), whatever the range check says
+    ("csv-id-thousands-of-digits", lambda t: _csv(t, HEADER + "1," + "9" * 5000 + ",4,100\n"),
+     "out of range for int64"),
+    ("ml-time-thousands-of-digits", lambda t: _movielens(t, b"1\t1\t3\t" + b"9" * 100_000 + b"\n"),
+     "out of range for int64"),
     ("parquet-uint64-id", lambda t: _parquet(t, _good_table(item_id=pa.array([10, 2**64 - 1, 1, 2], pa.uint64()))),
      "out of range for int64"),
     ("parquet-uint64-feature",
@@ -412,3 +431,104 @@ def test_trec_launch_ends_in_the_one_line(tmp_path):
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-4000:]
     assert " error: " in lines[-1] and str(not_prepared) in lines[-1], lines[-1]
     assert sum(" error: " in line for line in lines) == 1, proc.stderr[-4000:]
+
+
+# --- damaged files of a prepared dataset, read in-process ------------------------------------------
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"PAR1" + bytes(range(256)) * 8 + b"PAR1")
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _rewrite(path: Path, change) -> None:
+    pq.write_table(change(pq.read_table(path)), path)
+
+
+def _nan_labels(table: pa.Table) -> pa.Table:
+    return table.set_column(table.column_names.index("label"), "label",
+                            pa.array(np.full(table.num_rows, np.nan, np.float32)))
+
+
+def _open(data: Path) -> None:
+    from trec.data import PreparedDataset
+
+    PreparedDataset.open(data)
+
+
+def _read_train(data: Path) -> None:
+    from trec.data import InteractionReader, PreparedDataset
+
+    for _ in InteractionReader(PreparedDataset.open(data), "train", 64, prefetch_batches=0):
+        pass
+
+
+def _lookup(data: Path) -> None:
+    from trec.data import PreparedDataset
+
+    PreparedDataset.open(data).lookup_index("user_id", 1)
+
+
+# (id, file, damage, what reads it, text the one-line error must hold after the file's path)
+DATASET_CASES = [
+    ("items-garbage", "features/items.parquet", _garbage, _open, "truncated, corrupt or not the expected Parquet"),
+    ("history-truncated", "features/user_history.parquet", _truncate, _open, "truncated, corrupt"),
+    ("users-column-missing", "features/users.parquet", lambda p: _rewrite(p, lambda t: t.drop(["train_count"])),
+     _open, "no column 'train_count'"),
+    ("train-shard-truncated", "train/part-00000.parquet", _truncate, _read_train, "truncated, corrupt"),
+    ("train-label-nan", "train/part-00000.parquet", lambda p: _rewrite(p, _nan_labels), _read_train,
+     "column 'label' holds nan at row 0"),
+    ("mapping-garbage", "mappings/user_id.parquet", _garbage, _lookup, "truncated, corrupt"),
+]
+
+
+@pytest.mark.parametrize("name, file, damage, read, expected", DATASET_CASES, ids=[c[0] for c in DATASET_CASES])
+def test_damaged_dataset_file_is_one_line(tmp_path, tiny_dataset, name, file, damage, read, expected):
+    """pyarrow's errors (and a NaN label, which trained to a NaN loss) become one line naming the file."""
+    from trec.errors import TrecError
+
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
+    damage(data / file)
+    with pytest.raises(TrecError) as info:
+        read(data)
+    message = str(info.value)
+    assert message.startswith(f"{data / file}: ") and expected in message and "\n" not in message, message
+
+
+def test_failed_new_run_leaves_no_run_directory(tmp_path, tiny_dataset):
+    """A new run refused before its first checkpoint leaves nothing at --run-dir."""
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
+    _rewrite(data / "train/part-00000.parquet", _nan_labels)
+    run_dir = tmp_path / "run"
+    proc = run_cli(["train", "--config", "configs/movielens_two_tower.yaml", "--data", str(data), "--run-dir",
+                    str(run_dir), "training.max_steps=2", "data.batch_size=64", "logging.projector_items=0"],
+                   cwd=REPO)
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
+    assert [line for line in stderr.splitlines() if "error: " in line] == [
+        f"error: {data / 'train/part-00000.parquet'}: column 'label' holds nan at row 0 (labels and ratings "
+        "must be finite; the file does not match manifest.json)"]
+    assert not run_dir.exists(), sorted(p.name for p in run_dir.iterdir())
+
+
+def test_raw_id_beyond_int64_is_unknown(tiny_dataset):
+    """A --user beyond int64 is an unknown user (Arrow overflowed converting it)."""
+    from trec.data import PreparedDataset
+    from trec.errors import TrecError
+
+    with pytest.raises(TrecError, match=r"user_id: unknown raw ID '18446744073709551616'"):
+        PreparedDataset.open(tiny_dataset).lookup_index("user_id", str(2**64))
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["bench", "index", "--items", "-5"], "--items must be at least 1, got -5"),
+    (["bench", "index", "--queries", "0"], "--queries must be at least 1, got 0"),
+    (["bench", "index", "--spread", "nan"], "--spread must be a finite number >= 0, got nan"),
+])
+def test_bad_bench_option_is_one_line(capsys, args, expected):
+    from trec.cli import main
+
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == f"error: {expected}"

@@ -311,3 +311,97 @@ def test_training_run_reports_metrics_on_positives(clicks, tmp_path):
         dcg = sum(1 / math.log2(i + 2) for i, item in enumerate(top[row]) if item in relevant)
         ndcgs.append(dcg / sum(1 / math.log2(i + 2) for i in range(min(len(relevant), 10))))
     assert metrics["popularity/ndcg@10"] == pytest.approx(np.mean(ndcgs), abs=1e-6)
+
+
+def test_two_stage_evaluation_honours_graded_gain(tiny):
+    """evaluation.gain = graded reaches two-stage evaluation too: its ndcg is the graded one, not a binary
+    NDCG reported under the same name (stub stages: the retriever and the ranker of _evaluate's scores)."""
+    from trec.config import Gain
+    from trec.two_stage import evaluate_two_stage
+
+    dataset = tiny
+    index = {raw: dataset.lookup_index("item_id", raw) for raw in (13, 14, 15)}
+
+    def generate(users, batch, n):
+        # user 1's candidates after its train items are excluded: 14 (label 0), 15 (0.6), 13 (1.0).
+        top = torch.as_tensor([index[14], index[15], index[13]])[:n]
+        return top.expand(len(users), -1), torch.arange(n, 0, -1, dtype=torch.float32).expand(len(users), -1)
+
+    def score(users, items):  # the ranker keeps the retriever's order
+        order = {index[14]: 3.0, index[15]: 2.0, index[13]: 1.0}
+        return torch.as_tensor([order.get(int(item), 0.0) for item in items])
+
+    def ndcg(gain):
+        metrics = evaluate_two_stage(generate, score, dataset, "test", [3], 3, DataConfig(), 64, CPU, gain=gain)
+        assert metrics["two_stage/users"] == 1
+        return metrics["two_stage/ndcg@3"], metrics["retrieval/ndcg@3"]
+
+    g15, g13 = 2**0.6 - 1, 2**1.0 - 1
+    graded = (g15 / math.log2(3) + g13 / math.log2(4)) / (g13 + g15 / math.log2(3))
+    binary = (1 / math.log2(3) + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
+    assert ndcg(Gain.binary) == pytest.approx((binary, binary))
+    assert ndcg(Gain.graded) == pytest.approx((graded, graded))
+
+
+def test_a_user_with_no_positive_training_row_gets_the_popularity_fallback(tmp_path):
+    """Its training rows weigh 0 in the retriever's loss: its user embedding never trained, and search
+    or recommend would serve noise as a personalised list. user 2: only label-0 rows in train."""
+    from trec.two_stage import serve_user
+
+    rows = [(1, 10, 1, 1.0), (1, 11, 2, 1.0), (1, 12, 3, 1.0), (2, 10, 1, 0.0), (2, 11, 2, 0.0), (2, 12, 3, 1.0)]
+    users, items, times, labels = zip(*rows)
+    pq.write_table(pa.table({"user_id": list(users), "item_id": list(items), "timestamp": list(times),
+                             "label": pa.array(labels, pa.float32())}), tmp_path / "log.parquet")
+    _prepare(tmp_path / "log.parquet", tmp_path / "prepared", "--split", "leave-last-n", "--last-n", "1")
+    dataset = PreparedDataset.open(tmp_path / "prepared")
+    assert serve_user(dataset, "1").index == dataset.lookup_index("user_id", 1)
+    shown_only = serve_user(dataset, "2")
+    assert shown_only.index is None  # the fallback, not the untrained embedding
+    assert sorted(shown_only.seen.tolist()) == sorted(dataset.lookup_index("item_id", i) for i in (10, 11, 12))
+
+
+def test_hard_auc_rows_are_the_positives_against_their_hard_candidates_only(clicks):
+    """hard_auc is how well the ranker orders the retriever's candidates: the held-out label-0 rows
+    (real negatives, already in auc) must not be among its negatives."""
+    from trec.models.dcn import held_out_rows
+
+    dataset = PreparedDataset.open(clicks)
+    test = _split(dataset, "test")
+    positive = test["label"] >= 0.5
+    no_candidates = (np.zeros(dataset.num_users + 1, np.int64), np.zeros(0, np.int64))  # falls back to uniform
+    users, items, labels, _ = held_out_rows(dataset, "test", DCNConfig(eval_negatives=2, eval_seed=1), no_candidates)
+    count = int(positive.sum())
+    assert len(users) == 3 * count and labels[:count].all() and not labels[count:].any()
+    assert np.array_equal(items[:count], test["item_id"][positive])
+
+
+def test_an_excluded_item_is_never_listed_even_when_fewer_than_k_remain():
+    """Exclude seen whatever the label: an item shown to the user in train (label 0) and clicked in test
+    is excluded, so it can be no hit, not even as a filler of a list longer than what remains."""
+    from trec.evaluation import score_topk
+    from trec.metrics import topk_hits
+
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0]])
+    top = score_topk(scores, torch.tensor([0, 1]), 4)  # the user has seen items 0 and 1
+    assert top.tolist() == [[2, 3, -1, -1]]
+    assert not topk_hits(top, torch.tensor([1]), 4).any()  # item 1 is a positive test row, but was seen
+
+
+def test_two_stage_fillers_are_not_recommendations(tiny):
+    """Candidates with a -inf retrieval score (the exact generator's excluded items when fewer than n
+    remain) count neither as hits nor towards coverage, in retrieval/ and two_stage/ alike."""
+    from trec.two_stage import evaluate_two_stage
+
+    dataset = tiny
+    listed = [dataset.lookup_index("item_id", raw) for raw in (15, 13, 14, 10)]  # 10: seen in train
+
+    def generate(users, batch, n):
+        scores = torch.tensor([3.0, 2.0, 1.0, -torch.inf])
+        return torch.as_tensor(listed).expand(len(users), -1), scores.expand(len(users), -1)
+
+    def score(users, items):
+        return torch.zeros(len(items))
+
+    metrics = evaluate_two_stage(generate, score, dataset, "test", [4], 4, DataConfig(), 64, CPU)
+    assert metrics["retrieval/coverage@4"] == pytest.approx(3 / dataset.num_items)
+    assert metrics["two_stage/coverage@4"] == pytest.approx(3 / dataset.num_items)

@@ -87,3 +87,23 @@ def test_a_start_that_changes_shapes_or_semantics_is_refused_before_anything_is_
     assert "starting at step 4" in proc.stderr
     assert "max_steps: 6" in (run_dir / "config.yaml").read_text()
     assert json.loads((run_dir / "metrics.json").read_text())["step"] == 6
+
+
+def test_a_resume_may_not_change_what_the_best_metric_means(tmp_path):
+    """evaluation.gain and evaluation.exclude_train change the value of the metric that picks best/
+    (and early stopping): the resumed run would compare graded against binary NDCG. In-process, no run."""
+    from trec.config import TrecConfig, save_config
+    from trec.errors import TrecError
+    from trec.runs import RunDir, check_resumable_config
+
+    run = RunDir(tmp_path)
+    saved = TrecConfig()
+    save_config(saved, run.config)
+    for key, value in (("gain", "graded"), ("exclude_train", False)):
+        changed = TrecConfig()
+        setattr(changed.evaluation, key, value)
+        with pytest.raises(TrecError, match=f"evaluation.{key}"):
+            check_resumable_config(changed, run)
+    harmless = TrecConfig()
+    harmless.evaluation.max_users, harmless.evaluation.popularity_baseline = 100, False
+    check_resumable_config(harmless, run)

@@ -135,6 +135,22 @@ def test_truncated_metadata_is_one_line(run_copy):
     assert line.startswith(f"error: {best / '.metadata'}: not readable checkpoint metadata ("), line
 
 
+@pytest.mark.parametrize("damage", ["truncate", "remove"])
+def test_truncated_checkpoint_data_is_refused(run_copy, damage):
+    """DCP reads only the byte ranges a load needs: a .distcp cut short (or gone) is refused up front
+    from the sizes .metadata records, not loaded in part (evaluate and export once succeeded)."""
+    best = checkpoint_for_inference(run_copy)
+    data = best / "__1_0.distcp"
+    if damage == "truncate":
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    else:
+        data.unlink()
+    with pytest.raises(TrecError) as info:
+        SafeFileSystemReader(best).read_metadata()
+    expected = "truncated (" if damage == "truncate" else "cannot be read ("
+    assert str(info.value).startswith(f"{data}: {expected}") and "\n" not in str(info.value), str(info.value)
+
+
 def test_checkpoint_still_loads_whole(tiny_run):
     """The safe reader reads exactly what DCP wrote: every tensor of the run, unchanged."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
@@ -258,6 +274,7 @@ def test_manifest_checksum_path_outside_is_refused(export_copy):
     ("checksums", {"index/shard-0.faiss": 5}, "checksum of 'index/shard-0.faiss' must be 64 hex digits, got 5"),
     ("params", None, "field 'params' must be an object, got None"),
     ("source", {"step": "10"}, "source: field 'step' must be an integer >= 0 or null, got '10'"),
+    ("metric", "l2", "field 'metric' must be 'inner_product', got 'l2'"),
 ])
 def test_manifest_fields_are_type_checked(export_copy, field, value, message):
     edit_manifest(export_copy, lambda m: m.update({field: value}))
@@ -308,6 +325,15 @@ def test_ids_file_with_negative_index_is_refused(export_copy):
     edit_manifest(export_copy, lambda m: m["checksums"].update({"index/ids.parquet": sha256_file(path)}))
     assert index_refusal(export_copy) == ("index/ids.parquet: column 'index' must be distinct non-negative item "
                                           "indices in ascending order")
+
+
+def test_ids_file_without_its_columns_is_one_line(export_copy):
+    """pyarrow's message for a missing column runs over several lines: the error keeps the first."""
+    path = export_copy / "index/ids.parquet"
+    pq.write_table(pa.table({"foo": pa.array([1, 2])}), path)
+    edit_manifest(export_copy, lambda m: m["checksums"].update({"index/ids.parquet": sha256_file(path)}))
+    message = index_refusal(export_copy)
+    assert message.startswith("index/ids.parquet: not a readable id mapping (") and "\n" not in message, message
 
 
 # --------------------------------------------------------------------------------------------

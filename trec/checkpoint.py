@@ -178,6 +178,26 @@ def _check_storage_data(metadata: object, where: str) -> None:
                             f"({quote(info.offset)}, {quote(info.length)})")
 
 
+def _check_data_sizes(metadata: Metadata, checkpoint: Path) -> None:
+    """Every data file must be long enough for the byte ranges the metadata assigns in it.
+
+    DCP reads only the ranges a load needs: a truncated ``.distcp`` whose lost tail held, say,
+    optimizer state would still load a model for evaluation or export without a word.
+    """
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = checkpoint / name
+        try:
+            actual = path.stat().st_size
+        except OSError as error:
+            raise TrecError(f"{path}: cannot be read ({error.strerror or error}); the checkpoint is damaged") from None
+        if actual < size:
+            raise TrecError(f"{path}: truncated ({actual} bytes; {checkpoint / '.metadata'} needs {size}); "
+                            "the checkpoint is damaged")
+
+
 class SafeFileSystemReader(FileSystemReader):
     """torch's DCP FileSystemReader, except that ``.metadata`` is read without running code.
 
@@ -216,6 +236,7 @@ class SafeFileSystemReader(FileSystemReader):
             except Exception as error:  # truncated or garbled: any failure means "not readable"
                 raise TrecError(f"{where}: not readable checkpoint metadata ({_first_line(error)})") from None
         _check_storage_data(metadata, where)
+        _check_data_sizes(metadata, Path(where).parent)
         return metadata
 
 

@@ -19,6 +19,7 @@ by an ``augment`` hook). Features are joined from in-memory user/item tables by
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -309,7 +310,13 @@ class PreparedDataset:
 
     def _load_tables(self) -> None:
         for entity, file in (("user", L.USERS_FILE), ("item", L.ITEMS_FILE)):
-            table = pq.read_table(self.path / file)
+            with parquet_errors(self.path / file):
+                table = pq.read_table(self.path / file)
+            wanted = [L.TRAIN_COUNT] + [spec.name for spec in self.features_of(entity)
+                                        if spec.name not in (L.USER_ID, L.ITEM_ID, L.USER_HISTORY)]
+            missing = [name for name in wanted if name not in table.column_names]
+            if missing:
+                raise TrecError(f"{self.path / file}: no column '{missing[0]}' (the file does not match {L.MANIFEST})")
             expected = self.num_users if entity == "user" else self.num_items
             if table.num_rows != expected:
                 raise TrecError(f"{self.path / file}: {table.num_rows} rows, manifest says {expected}")
@@ -335,7 +342,8 @@ class PreparedDataset:
                     check_indices(column, -1, spec.cardinality, self.path / file, spec.name)
                     self._single[spec.name] = column.to_numpy().astype(np.int64, copy=False)
         if any(f.name == L.USER_HISTORY for f in self.features):
-            history = pq.read_table(self.path / L.HISTORY_FILE, columns=["history"])["history"]
+            with parquet_errors(self.path / L.HISTORY_FILE):
+                history = pq.read_table(self.path / L.HISTORY_FILE, columns=["history"])["history"]
             if len(history) != self.num_users:
                 raise TrecError(f"{self.path / L.HISTORY_FILE}: {len(history)} rows, manifest says {self.num_users}")
             check_indices(pc.list_flatten(history), 0, self.feature(L.USER_HISTORY).cardinality,
@@ -354,6 +362,9 @@ class PreparedDataset:
         for name, (low, high) in bounds.items():
             if name in table.column_names:
                 check_indices(table[name], low, high, path, name)
+        for name in (L.LABEL, L.RATING):  # a NaN label trains to a NaN (or zero) loss without a word
+            if name in table.column_names:
+                check_finite(table[name], path, name)
 
     # ---- metadata -----------------------------------------------------------------------
 
@@ -402,7 +413,9 @@ class PreparedDataset:
         if not spec.is_sparse or not spec.mapping_file:
             raise TrecError(f"feature '{feature}' has no ID mapping (it is {spec.kind})")
         if spec.name not in self._raw_cache:
-            self._raw_cache[spec.name] = pq.read_table(self.path / spec.mapping_file)
+            path = self.path / spec.mapping_file
+            with parquet_errors(path):
+                self._raw_cache[spec.name] = pq.read_table(path, columns=["raw", "index"])
         return spec, self._raw_cache[spec.name]
 
     def raw_ids(self, feature: str) -> np.ndarray:
@@ -441,6 +454,8 @@ class PreparedDataset:
             value = int(raw) if pa.types.is_integer(raw_column.type) else str(raw)
         except (TypeError, ValueError):
             value = None
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            value = None  # beyond int64: no raw ID of the dataset (and Arrow would overflow)
         found = None
         if value is not None:
             hit = pc.index_in(pa.array([value], raw_column.type), value_set=raw_column)[0].as_py()
@@ -455,7 +470,10 @@ class PreparedDataset:
         files = self.split_files(split)
         if not files:
             return pa.table({c: pa.array([], pa.int64()) for c in columns})
-        tables = [pq.read_table(f, columns=list(columns)) for f in files]
+        tables = []
+        for path in files:
+            with parquet_errors(path):
+                tables.append(pq.read_table(path, columns=list(columns)))
         for table, path in zip(tables, files):
             self.check_split_rows(table, path)
         return pa.concat_tables(tables)
@@ -531,7 +549,8 @@ class PreparedDataset:
         """Positive train rows per item, read one file at a time (duplicates counted, as train_count does)."""
         counts = np.zeros(self.num_items, np.int64)
         for path in self.split_files("train"):
-            table = pq.read_table(path, columns=[L.ITEM_ID, L.LABEL])
+            with parquet_errors(path):
+                table = pq.read_table(path, columns=[L.ITEM_ID, L.LABEL])
             self.check_split_rows(table, path)
             positive = table[L.LABEL].to_numpy() >= self.positive_threshold
             counts += np.bincount(table[L.ITEM_ID].to_numpy()[positive], minlength=self.num_items)
@@ -636,6 +655,39 @@ def check_indices(column: pa.Array | pa.ChunkedArray, low: int, high: int, path:
                         f"(the file does not match {L.MANIFEST})")
 
 
+def check_finite(column: pa.Array | pa.ChunkedArray, path: Path, name: str) -> None:
+    """Refuse (TrecError naming file and column) a column that is not numbers, all finite, without nulls."""
+    if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)) or column.null_count:
+        raise TrecError(f"{path}: column '{name}' must hold numbers without nulls "
+                        f"(found {column.type}, {column.null_count} nulls)")
+    if pa.types.is_floating(column.type) and len(column):
+        values = column.to_numpy() if isinstance(column, pa.Array) else column.combine_chunks().to_numpy()
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise TrecError(f"{path}: column '{name}' holds {values[bad][0]} at row {int(np.argmax(bad))} "
+                            f"(labels and ratings must be finite; the file does not match {L.MANIFEST})")
+
+
+@contextlib.contextmanager
+def parquet_errors(path: Path) -> Iterator[None]:
+    """Turn pyarrow's failure to read ``path`` (truncated, garbage, a column missing) into one TrecError line.
+
+    A damaged shard of a prepared dataset or an export would otherwise end in a pyarrow traceback
+    (or a multi-line message): the line names the file and quotes the first line of the cause.
+    """
+    try:
+        yield
+    except (pa.ArrowException, OSError, KeyError) as error:
+        cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise TrecError(f"{path}: truncated, corrupt or not the expected Parquet file ({quote(cause)}); "
+                        "restore it or prepare/export again") from None
+
+
+def _parquet_metadata(path: Path) -> pq.FileMetaData:
+    with parquet_errors(path):
+        return pq.ParquetFile(path).metadata
+
+
 def _check_id_table(spec: FeatureSpec, rows: int, where: Path) -> None:
     """user_id / item_id index the user / item tables: their embedding tables must have a row for each."""
     if spec.kind != "categorical" or spec.multi_hot or spec.cardinality < rows:
@@ -738,7 +790,7 @@ class InteractionReader:
                             f"{', '.join(s for s in L.SPLITS if dataset.has_split(s))})")
         self._blocks = np.array([(f, g, meta.row_group(g).num_rows)
                                  for f, path in enumerate(self.files)
-                                 for meta in [pq.ParquetFile(path).metadata]
+                                 for meta in [_parquet_metadata(path)]
                                  for g in range(meta.num_row_groups)], dtype=np.int64).reshape(-1, 3)
         self.num_rows = int(self._blocks[:, 2].sum())
         self.rows_per_rank = self.num_rows // world_size
@@ -845,9 +897,10 @@ class InteractionReader:
         parts = []
         for position in range(first, last):
             file_index, group, _ = self._blocks[order[position]]
-            if file_index not in files:
-                files[int(file_index)] = pq.ParquetFile(self.files[file_index])
-            table = files[int(file_index)].read_row_group(int(group), columns=self._columns)
+            with parquet_errors(self.files[file_index]):
+                if file_index not in files:
+                    files[int(file_index)] = pq.ParquetFile(self.files[file_index])
+                table = files[int(file_index)].read_row_group(int(group), columns=self._columns)
             begin = max(low - bounds[position], 0)
             end = min(high, bounds[position + 1]) - bounds[position]
             part = table.slice(int(begin), int(end - begin))

@@ -103,7 +103,7 @@ def _keys(positions: np.ndarray, values: np.ndarray, num_items: int, device) -> 
     return torch.as_tensor(np.sort(positions * num_items + values), device=device)
 
 
-def _graded_truth(offsets: np.ndarray, labels: np.ndarray, rows: np.ndarray, k: int,
+def graded_truth(offsets: np.ndarray, labels: np.ndarray, rows: np.ndarray, k: int,
                   device) -> tuple[torch.Tensor, torch.Tensor]:
     """Graded gains ``2^label - 1`` of the relevant items of ``rows``: (P,) aligned with the sorted
     keys of :func:`_keys` (the CSR's items are sorted per user) and U X k ideal gains."""
@@ -113,11 +113,13 @@ def _graded_truth(offsets: np.ndarray, labels: np.ndarray, rows: np.ndarray, k: 
 
 
 def score_topk(scores: torch.Tensor, exclude_keys: torch.Tensor | None, k: int) -> torch.Tensor:
-    """Top-k item indices per row of ``U X I`` scores after removing the excluded (row, item) keys."""
+    """Top-k item indices per row of ``U X I`` scores after removing the excluded (row, item) keys;
+    -1 where fewer than k items remain (an excluded item is never listed, not even as a filler)."""
     if exclude_keys is not None and exclude_keys.numel():
         scores = scores.clone()
         scores.view(-1)[exclude_keys] = -torch.inf
-    return scores.topk(k, dim=1).indices
+    top = scores.topk(k, dim=1)
+    return top.indices.masked_fill(torch.isneginf(top.values), -1)
 
 
 # A ranker turns U X D user embeddings into U X k item indices (-1 where it has fewer than k),
@@ -242,7 +244,7 @@ def evaluate_retrieval(
             num_relevant = torch.as_tensor(np.diff(truth_offsets)[rows], device=ctx.device)
             graded = None
             if truth_labels is not None:
-                graded = _graded_truth(truth_offsets, truth_labels, rows, max_k, ctx.device)
+                graded = graded_truth(truth_offsets, truth_labels, rows, max_k, ctx.device)
             excluded = None
             if exclusions is not None:
                 excluded = _keys(*csr_pairs(exclusions[0], exclusions[1], rows), num_items, ctx.device)

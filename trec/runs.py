@@ -172,12 +172,15 @@ def check_run_dataset(run: RunDir | Path, dataset: PreparedDataset) -> dict | No
 # fingerprint is checked instead), how far to train, how often to validate, log and save, how to
 # shard (DCP re-shards on load) and how to evaluate or export. Every other key changes the
 # model's shapes or what training means (model.*, optimizer.*, data.batch_size and the reader's
-# order, training.seed, the early-stopping metric, new keys by default) and is refused.
+# order, training.seed, the early-stopping metric, new keys by default) and is refused; so are
+# evaluation.gain and evaluation.exclude_train, which change the value of the validation metric
+# that best/ and early stopping compare with the best_metric the checkpoint saved.
 RESUMABLE_KEYS = (
     "data.path", "data.eval_batch_size", "data.prefetch_batches", "data.prepare.",
     "training.epochs", "training.max_steps", "training.eval_every_steps", "training.early_stopping_patience",
     "training.pipeline", "training.device",
-    "sharding.", "evaluation.", "checkpoint.", "logging.", "export.",
+    "sharding.", "evaluation.ks", "evaluation.max_users", "evaluation.popularity_baseline",
+    "checkpoint.", "logging.", "export.",
 )
 
 
@@ -300,7 +303,9 @@ def check_index_binding(index, loaded: TrainedRun) -> None:
         raise TrecError(f"{where}: exported from dataset fingerprint {short(source['dataset_fingerprint'])}, but "
                         f"run {loaded.run.root} uses {loaded.dataset.path} (fingerprint "
                         f"{short(ours['dataset_fingerprint'])}); {redo}")
-    if source.get("run_id") != ours["run_id"]:
+    # A run made before run.json has no ID (None == None): its directory tells it apart instead.
+    legacy_other = ours["run_id"] is None and source.get("run_dir") != ours["run_dir"]
+    if source.get("run_id") != ours["run_id"] or legacy_other:
         raise TrecError(f"{where}: exported from run {source.get('run_dir')} (ID {short(source.get('run_id'))}), "
                         f"not from {loaded.run.root} (ID {short(ours['run_id'])}); pass the run it came from, or {redo}")
     if (source.get("checkpoint_name"), source.get("step")) != (ours["checkpoint_name"], ours["step"]):

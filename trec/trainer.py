@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -518,6 +519,19 @@ def train(cfg: TrecConfig, run_dir: Path, ctx: DistContext) -> TrainOutcome:
     evaluation is left as it is; one that finished training but not its evaluation is evaluated.
     """
     started = time.time()
+    new_run = not Path(run_dir).exists()
+    try:
+        return _build_and_train(cfg, run_dir, ctx, started)
+    except Exception:
+        # A new run refused before its first checkpoint (a damaged shard, a NaN label, a config the
+        # dataset cannot serve) leaves no run directory behind: the output path is as it was before
+        # the command. A run with a checkpoint keeps it (the same command resumes it).
+        if new_run and ctx.is_main and latest_checkpoint(RunDir(Path(run_dir)).checkpoints) is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _build_and_train(cfg: TrecConfig, run_dir: Path, ctx: DistContext, started: float) -> TrainOutcome:
     trainer = Trainer.build(cfg, run_dir, ctx)
     try:
         reason = trainer.finished()

@@ -33,10 +33,13 @@ from data_pipeline.layout import SPLITS, USER_ID
 from trec.data import PreparedDataset, RecBatch, check_indices
 from trec.distributed import DistContext, barrier
 from trec.errors import TrecError
-from trec.evaluation import SCORE_CHUNK_ELEMENTS, csr_pairs, encode_all_items, entity_batches, evaluated_users
+from trec.config import Gain
+from trec.evaluation import (SCORE_CHUNK_ELEMENTS, csr_pairs, encode_all_items, entity_batches, evaluated_users,
+                             graded_truth)
 from trec.io import atomic_path
-from trec.metrics import RankingAccumulator, topk_hits
-from trec.runs import TrainedRun, check_index_binding, load_trained_run, run_config, two_tower_of
+from trec.metrics import RankingAccumulator, topk_gains, topk_hits
+from trec.checkpoint import checkpoint_for_inference, read_trainer_state
+from trec.runs import TrainedRun, check_index_binding, dataset_fingerprint, load_trained_run, run_config, two_tower_of
 
 logger = logging.getLogger("trec")
 
@@ -188,7 +191,8 @@ def rerank(score: Scorer, users: np.ndarray, candidates: torch.Tensor, candidate
 def evaluate_two_stage(generate: CandidateGenerator, score: Scorer, dataset: PreparedDataset, split: str,
                        ks: Sequence[int], num_candidates: int, retriever_data_cfg,
                        ranker_batch_rows: int, ctx: DistContext, item_embeddings: torch.Tensor | None = None,
-                       max_users: int = 0, seed: int = 0, retrieval_weight: float = 0.0) -> dict[str, float]:
+                       max_users: int = 0, seed: int = 0, retrieval_weight: float = 0.0,
+                       gain: Gain = Gain.binary) -> dict[str, float]:
     """Retrieval-only and two-stage top-K metrics on ``split`` (collective).
 
     Args:
@@ -198,6 +202,7 @@ def evaluate_two_stage(generate: CandidateGenerator, score: Scorer, dataset: Pre
         retriever_data_cfg: the retrieval run's ``data`` section (user batches, history length).
         item_embeddings: ``I X D`` for the diversity metric (the retriever's item tower), or None.
         retrieval_weight: weight of the retrieval score in the two-stage order (see :func:`rerank`).
+        gain: evaluation.gain; graded NDCG as in :func:`trec.evaluation.evaluate_retrieval`.
     Returns:
         {"retrieval/ndcg@10": ..., "two_stage/ndcg@10": ..., ...}.
     """
@@ -206,6 +211,7 @@ def evaluate_two_stage(generate: CandidateGenerator, score: Scorer, dataset: Pre
         raise TrecError(f"--candidates {num_candidates} must be >= every evaluation.ks value ({list(ks)}) "
                         f"and <= the catalog's {num_items} items")
     users, (truth_offsets, truth_items) = evaluated_users(dataset, split, max_users, seed)
+    truth_labels = dataset.user_positive_labels(split)[2] if gain == Gain.graded else None
     retrieval = RankingAccumulator([*ks, num_candidates], num_items, ctx.device)
     two_stage = RankingAccumulator(ks, num_items, ctx.device)
     for selected, batch in user_batches(dataset, users, retriever_data_cfg, ctx):
@@ -213,7 +219,11 @@ def evaluate_two_stage(generate: CandidateGenerator, score: Scorer, dataset: Pre
         # Padding rows trail each batch: re-rank only as many rows as the fullest rank has.
         live = _max_across_ranks(int((selected >= 0).sum()), ctx)
         selected, candidates, candidate_scores = selected[:live], candidates[:live], candidate_scores[:live]
-        reranked, _ = rerank(score, selected, candidates, candidate_scores, ranker_batch_rows, retrieval_weight)
+        reranked, reranked_scores = rerank(score, selected, candidates, candidate_scores, ranker_batch_rows,
+                                           retrieval_weight)
+        # A filler (-inf: an excluded item when fewer than n remain) is no recommendation.
+        candidates = candidates.masked_fill(torch.isneginf(candidate_scores), -1)
+        reranked = reranked.masked_fill(torch.isneginf(reranked_scores), -1)
         real = np.flatnonzero(selected >= 0)
         rows = selected[real]
         if len(rows) == 0:
@@ -222,8 +232,13 @@ def evaluate_two_stage(generate: CandidateGenerator, score: Scorer, dataset: Pre
         relevant = torch.as_tensor(np.sort(positions * num_items + values), device=ctx.device)
         num_relevant = torch.as_tensor(np.diff(truth_offsets)[rows], device=ctx.device)
         keep = torch.as_tensor(real, device=ctx.device)
+        graded = None
+        if truth_labels is not None:
+            graded = graded_truth(truth_offsets, truth_labels, rows, num_candidates, ctx.device)
         for accumulator, lists in ((retrieval, candidates[keep]), (two_stage, reranked[keep])):
-            accumulator.add(lists, topk_hits(lists, relevant, num_items), num_relevant, item_embeddings)
+            gains = None if graded is None else topk_gains(lists, relevant, graded[0], num_items)
+            accumulator.add(lists, topk_hits(lists, relevant, num_items), num_relevant, item_embeddings,
+                            gains, None if graded is None else graded[1])
     metrics = {f"retrieval/{k}": v for k, v in retrieval.compute().items()}
     metrics.update({f"two_stage/{k}": v for k, v in two_stage.compute().items()})
     return metrics
@@ -266,7 +281,7 @@ def evaluate_two_stage_runs(retrieval_dir: Path, ranker_dir: Path, ctx: DistCont
     metrics = evaluate_two_stage(
         generate, score, dataset, split, evaluation.ks, num_candidates,
         retriever.cfg.data, ranker.cfg.data.eval_batch_size, ctx, items, evaluation.max_users, ranker.cfg.training.seed,
-        weight,
+        weight, evaluation.gain,
     )
     return metrics | {
         "two_stage/retrieval_weight": weight,
@@ -314,11 +329,16 @@ def mine_hard_candidates(retriever: TrainedRun, dataset: PreparedDataset, top_n:
 
 def load_or_mine_hard_candidates(cache: Path, retrieval_dir: Path, top_n: int, skip: int, dataset: PreparedDataset,
                                  ctx: DistContext) -> tuple[np.ndarray, np.ndarray]:
-    """Hard candidates from ``cache`` if it was mined from ``retrieval_dir`` with the same
-    ``top_n`` and ``skip``; otherwise mined now with the run's inference checkpoint and written to
-    ``cache`` (Parquet, atomically, by rank 0). Collective."""
+    """Hard candidates from ``cache`` if it was mined from ``retrieval_dir``'s current inference
+    checkpoint on this dataset with the same ``top_n`` and ``skip``; otherwise mined now with that
+    checkpoint and written to ``cache`` (Parquet, atomically, by rank 0). Collective."""
     source = str(Path(retrieval_dir).resolve())
-    settings = {"retrieval_run": source, "top_n": str(top_n), "skip": str(skip)}
+    checkpoint = checkpoint_for_inference(Path(retrieval_dir))
+    # Keyed by the retriever's checkpoint and the dataset too: a retrained retriever or a
+    # re-prepared dataset must not reuse candidates mined from the old ones.
+    settings = {"retrieval_run": source, "top_n": str(top_n), "skip": str(skip),
+                "retrieval_checkpoint": f"{checkpoint.name}@{read_trainer_state(checkpoint).step}",
+                "dataset_fingerprint": dataset_fingerprint(dataset)}
     cached = _read_hard_candidates(cache, settings, dataset.num_users, dataset.num_items)
     if cached is not None:
         logger.info("hard negatives: reusing %s (mined from %s)", cache, source)
@@ -416,7 +436,8 @@ class ServedUser:
     raw: str
     index: int | None
     """The user's row; None for an unknown user (not in the dataset's ID mapping) or one with no
-    training interactions: both get the popularity fallback (:func:`popular_items`)."""
+    positive training row (label >= data.positive_threshold): both get the popularity fallback
+    (:func:`popular_items`)."""
     exclude_splits: list[str]
     """Splits whose items the user is never recommended: every split of the dataset, or none
     with ``include_seen``."""
@@ -448,7 +469,10 @@ def serve_user(dataset: PreparedDataset, raw_user: str, include_seen: bool = Fal
     if splits:
         offsets, items = dataset.user_items(splits)
         seen = items[offsets[user] : offsets[user + 1]]
-    known = dataset.user_counts[user] > 0
+    # A user is personalised only with a positive training row: non-positive rows weigh 0 in the
+    # retriever's loss, so a user with none has an untrained embedding and no history.
+    positives = dataset.user_items(["train"], positives=True)[0]
+    known = positives[user + 1] > positives[user]
     return ServedUser(str(raw_user), user if known else None, splits, seen)
 
 

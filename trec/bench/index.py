@@ -14,6 +14,7 @@ Indexes are built with the same code as ``trec export`` (:mod:`trec.export.kinds
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import time
@@ -294,7 +295,20 @@ def _plans(kinds: list[str], refine_factor: int) -> list[tuple]:
     return plans
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse a count out of range as one line (numpy and FAISS would fail deep inside, or hang)."""
+    at_least = {"items": 1, "dim": 1, "queries": 1, "k": 1, "clusters": 1, "repeat": 1, "pq_m": 1, "pq_nbits": 1,
+                "hnsw_m": 1, "ef_construction": 1, "nlist": 0, "train_sample": 0, "pq_refine_factor": 0,
+                "threads": 0, "export_items": 0}
+    for name, low in at_least.items():
+        if getattr(args, name) < low:
+            raise TrecError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    if not (math.isfinite(args.spread) and args.spread >= 0):
+        raise TrecError(f"--spread must be a finite number >= 0, got {args.spread}")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
     faiss = faiss_module()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)

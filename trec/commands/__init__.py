@@ -52,9 +52,10 @@ def load_index(args: argparse.Namespace):
     from trec.export import ShardedIndex
 
     index = ShardedIndex.load(args.index)
-    if args.nprobe:
+    # `is not None`: 0 and negatives reach the setters, which refuse them (0 is not "the default").
+    if args.nprobe is not None:
         index.nprobe = args.nprobe
-    if args.ef_search:
+    if args.ef_search is not None:
         index.ef_search = args.ef_search
     return index
 
@@ -75,9 +76,9 @@ def print_popularity_fallback(dataset, user, k: int) -> None:
 
     popular = popular_items(dataset, k, user.seen)
     raw, titles = item_names(dataset)
-    print(f"user {user.raw} is unknown (or has no training data): popularity fallback, the {len(popular)} items "
+    print(f"user {user.raw} is unknown (or has no positive training row): popularity fallback, the {len(popular)} items "
           "with the most training interactions, not personalised")
-    print(f"{'rank':>4}  {'item':>8}  {'train count':>11}  title")
+    print(f"{'rank':>4}  {'item':>8}  {'positives':>11}  title")
     for rank, item in enumerate(popular.tolist(), start=1):
         print(f"{rank:>4}  {raw[item]:>8}  {dataset.item_counts[item]:>11}  {titles[item]}")
 

@@ -34,6 +34,8 @@ from trec.export.parts import KINDS, part_paths
 from trec.io import JsonField, atomic_write_json, check_json_fields, path_inside, quote, read_json_object, sha256_file
 
 FORMAT_VERSION = 1
+METRIC = "inner_product"
+"""The only similarity an export is built and searched with (FAISS METRIC_INNER_PRODUCT)."""
 _FILE = JsonField(str)
 _COUNT = JsonField(int, minimum=0)
 # Every field of format_version 1 with its JSON type (see the module docstring); a new field is
@@ -131,6 +133,8 @@ def read_manifest(root: Path) -> dict:
         if not _SEARCH_DEFAULT.accepts(value):
             raise TrecError(f"{where}: field 'search_defaults.{name}' must be {_SEARCH_DEFAULT.describe()}, "
                             f"got {quote(value)}")
+    if manifest["metric"] != METRIC:  # the index is searched by inner product whatever the file says
+        raise TrecError(f"{where}: field 'metric' must be {METRIC!r}, got {quote(manifest['metric'])}")
     for name, digest in manifest["checksums"].items():
         if not (isinstance(digest, str) and _SHA256.match(digest)):
             raise TrecError(f"{where}: checksum of {quote(name)} must be 64 hex digits, got {quote(digest)}")

@@ -31,7 +31,7 @@ from trec.export.kinds import IndexSpec, set_search_params
 from trec.export.layout import EMBEDDINGS_DIR, IDS_FILE
 from trec.export.manifest import read_manifest, verify_export
 from trec.export.parts import read_embedding_parts
-from trec.io import path_inside
+from trec.io import path_inside, quote
 
 logger = logging.getLogger("trec")
 
@@ -61,7 +61,8 @@ class RawIds:
         try:
             table = pq.read_table(path, columns=["index", "raw_id"])
         except (OSError, pa.ArrowInvalid, KeyError) as error:
-            raise TrecError(f"{IDS_FILE}: not a readable id mapping ({error})") from None
+            cause = (str(error).strip().splitlines() or [type(error).__name__])[0]  # pyarrow's run to many lines
+            raise TrecError(f"{IDS_FILE}: not a readable id mapping ({quote(cause)})") from None
         column = table.column("index")
         if not pa.types.is_integer(column.type) or column.null_count:
             raise TrecError(f"{IDS_FILE}: column 'index' must be integers without nulls, found {column.type}")

@@ -339,7 +339,8 @@ def held_out_rows(dataset: PreparedDataset, split: str, cfg: DCNConfig,
     Negatives avoid every item the user has in any split and come from one generator seeded by
     ``eval_seed``: the rows are identical on every rank, for every world size and every model.
     They are uniform over the catalog, or with ``hard`` (a user → items CSR) drawn from the
-    user's hard candidates.
+    user's hard candidates; then only the positive rows are kept (``hard_auc`` ranks the
+    positives against their hard candidates, not against the held-out non-positive rows).
     """
     columns = [L.USER_ID, L.ITEM_ID, L.LABEL] + ([L.RATING] if dataset.has_rating else [])
     table = dataset.read_split(split, columns)
@@ -347,6 +348,9 @@ def held_out_rows(dataset: PreparedDataset, split: str, cfg: DCNConfig,
     items = table[L.ITEM_ID].to_numpy().astype(np.int64)
     labels = table[L.LABEL].to_numpy().astype(np.float32)
     ratings = table[L.RATING].to_numpy().astype(np.float32) if dataset.has_rating else np.zeros(len(users), np.float32)
+    if hard is not None:
+        positive = labels >= dataset.positive_threshold
+        users, items, labels, ratings = users[positive], items[positive], labels[positive], ratings[positive]
     known = dataset.user_items([s for s in L.SPLITS if dataset.has_split(s)])
     sampler = RankingNegativeSampler(known, dataset.num_items, cfg.eval_negatives, 0.0 if hard is None else 1.0,
                                      dataset.positive_threshold)
