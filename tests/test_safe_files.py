@@ -336,6 +336,21 @@ def test_ids_file_without_its_columns_is_one_line(export_copy):
     assert message.startswith("index/ids.parquet: not a readable id mapping (") and "\n" not in message, message
 
 
+@pytest.mark.parametrize("nprobe, ef_search, message", [
+    (0, None, "nprobe applies to ivf_flat and ivf_pq indexes; this export is flat"),
+    (None, 0, "ef_search applies to hnsw indexes; this export is flat"),
+])
+def test_zero_or_negative_search_flags_are_not_ignored(export_copy, nprobe, ef_search, message):
+    """--nprobe 0 was taken for "the export's default" and searched without a word."""
+    import argparse
+
+    from trec.commands import load_index
+
+    with pytest.raises(TrecError) as info:
+        load_index(argparse.Namespace(index=export_copy, nprobe=nprobe, ef_search=ef_search))
+    assert str(info.value) == message
+
+
 # --------------------------------------------------------------------------------------------
 # prepared dataset: manifest types, paths, and out-of-range indices
 # --------------------------------------------------------------------------------------------

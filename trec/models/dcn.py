@@ -36,7 +36,7 @@ from torchrec.modules.mlp import MLP
 
 from data_pipeline import layout as L
 from trec.config import CrossStructure, DCNConfig, Interaction, ModelConfig
-from trec.data import FeatureSpec, PreparedDataset, RecBatch, iter_index_batches
+from trec.data import FeatureSpec, PreparedDataset, RecBatch, iter_index_batches, parquet_errors
 from trec.errors import TrecError
 from trec.models.modules import check_table_overrides, embedding_bag_collection, embedding_tables
 from trec.negatives import RankingNegativeSampler
@@ -295,7 +295,8 @@ def mean_train_rating(dataset: PreparedDataset) -> float:
 
     total, count = 0.0, 0
     for path in dataset.split_files("train"):
-        table = pq.read_table(path, columns=[L.RATING, L.LABEL])
+        with parquet_errors(path):
+            table = pq.read_table(path, columns=[L.RATING, L.LABEL])
         positive = table[L.LABEL].to_numpy() >= dataset.positive_threshold
         total += float(np.nansum(table[L.RATING].to_numpy()[positive], dtype=np.float64))
         count += int(positive.sum())
