@@ -149,8 +149,13 @@ def distributed_session(seed: int = 0, device: str = "auto", log_level: str = "I
     )
     try:
         yield ctx
-    finally:
-        shutdown_distributed()
+    except BaseException:
+        shutdown_distributed()  # no barrier: a peer may be gone, and waiting for it would hang
+        raise
+    # Every rank reaches here before any tears gloo down: destroying the group while a peer still
+    # has traffic in flight can abort the process at exit ("terminate called without an active exception").
+    barrier()
+    shutdown_distributed()
 
 
 def barrier() -> None:
