@@ -12,7 +12,7 @@ from trec.config import CrossStructure, DCNConfig, Interaction, ModelConfig, Tab
 from trec.data import FeatureSpec
 from trec.errors import TrecError
 from trec.metrics import ClickMetrics, format_metrics
-from trec.models.dcn import CrossInteraction, DCNRanker, held_out_rows
+from trec.models.dcn.model import CrossInteraction, DCNRanker, held_out_rows
 from trec.negatives import RankingNegativeSampler
 
 

@@ -95,7 +95,7 @@ def test_user_history_holds_positive_train_rows_only(clicks):
 
 
 def _retrieval_task(dataset: PreparedDataset, **loss):
-    from trec.models.two_tower import RetrievalTask
+    from trec.models.two_tower.model import RetrievalTask
 
     cfg = ModelConfig(name=ModelName.two_tower, embedding_dim=8)
     cfg.two_tower.tower_layers = [16]
@@ -188,7 +188,7 @@ def _scores_encoder(dataset: PreparedDataset, scores_by_raw: dict[int, dict[int,
 
 
 def _evaluate(dataset, graded: bool) -> dict[str, float]:
-    from trec.evaluation import evaluate_retrieval
+    from trec.evaluation.retrieval import evaluate_retrieval
 
     # user 1 ranks 14 (label 0) first, then 15 (0.6), then the train items (excluded), then 13 (1.0).
     encode, items = _scores_encoder(dataset, {1: {14: 9, 15: 8, 11: 7, 10: 6, 12: 5, 13: 4, 16: 3},
@@ -232,7 +232,7 @@ def test_graded_gain_is_two_to_the_label_minus_one(tiny):
 
 
 def test_ranker_held_out_rows_carry_the_real_labels(clicks):
-    from trec.models.dcn import held_out_rows
+    from trec.models.dcn.model import held_out_rows
 
     dataset = PreparedDataset.open(clicks)
     test = _split(dataset, "test")
@@ -246,7 +246,7 @@ def test_ranker_held_out_rows_carry_the_real_labels(clicks):
 
 
 def test_ranker_trains_label_zero_rows_as_negatives_without_sampled_negatives(clicks):
-    from trec.models.dcn import RankingTask
+    from trec.models.dcn.model import RankingTask
 
     dataset = PreparedDataset.open(clicks)
     cfg = ModelConfig(name=ModelName.dcn, embedding_dim=8)
@@ -363,7 +363,7 @@ def test_a_user_with_no_positive_training_row_gets_the_popularity_fallback(tmp_p
 def test_hard_auc_rows_are_the_positives_against_their_hard_candidates_only(clicks):
     """hard_auc is how well the ranker orders the retriever's candidates: the held-out label-0 rows
     (real negatives, already in auc) must not be among its negatives."""
-    from trec.models.dcn import held_out_rows
+    from trec.models.dcn.model import held_out_rows
 
     dataset = PreparedDataset.open(clicks)
     test = _split(dataset, "test")
@@ -378,7 +378,7 @@ def test_hard_auc_rows_are_the_positives_against_their_hard_candidates_only(clic
 def test_an_excluded_item_is_never_listed_even_when_fewer_than_k_remain():
     """Exclude seen whatever the label: an item shown to the user in train (label 0) and clicked in test
     is excluded, so it can be no hit, not even as a filler of a list longer than what remains."""
-    from trec.evaluation import score_topk
+    from trec.evaluation.retrieval import score_topk
     from trec.metrics import topk_hits
 
     scores = torch.tensor([[5.0, 4.0, 3.0, 2.0]])

@@ -39,7 +39,7 @@ from trec.config import PipelineKind, TrecConfig, config_to_dict, save_config
 from trec.data import InteractionReader, PreparedDataset, RecBatch
 from trec.distributed import DistContext, barrier
 from trec.errors import TrecError
-from trec.evaluation import check_cutoffs
+from trec.evaluation.retrieval import check_cutoffs
 from trec.io import atomic_write_json, read_json_object
 from trec.metrics import MetricsLogger
 from trec.models import ModelSpec, model_spec
@@ -380,7 +380,7 @@ class Trainer:
         encode = getattr(getattr(self.task, "model", None), "item_embeddings", None)
         if count <= 0 or encode is None or not self.cfg.logging.tensorboard:
             return
-        from trec.evaluation import encode_all_items
+        from trec.evaluation.retrieval import encode_all_items
 
         popular = torch.as_tensor(self.dataset.item_counts).argsort(descending=True)[:count].numpy()
         ids = np.sort(popular)  # only these are encoded, not the whole catalog

@@ -34,7 +34,7 @@ from trec.data import PreparedDataset, RecBatch, check_indices
 from trec.distributed import DistContext, barrier
 from trec.errors import TrecError
 from trec.config import Gain
-from trec.evaluation import (SCORE_CHUNK_ELEMENTS, csr_pairs, encode_all_items, entity_batches, evaluated_users,
+from trec.evaluation.retrieval import (SCORE_CHUNK_ELEMENTS, csr_pairs, encode_all_items, entity_batches, evaluated_users,
                              graded_truth)
 from trec.io import atomic_path
 from trec.metrics import RankingAccumulator, topk_gains, topk_hits
@@ -80,7 +80,7 @@ def check_same_dataset(path: Path, dataset: PreparedDataset, where: Path) -> Non
 
 def ranker_of(run: TrainedRun, dataset: PreparedDataset, ctx: DistContext) -> Scorer:
     """The click-logit scorer of a loaded ranker run (TrecError for any other model)."""
-    from trec.models.dcn import RankingTask, ranker_scorer
+    from trec.models.dcn.model import RankingTask, ranker_scorer
 
     if not isinstance(run.task, RankingTask):
         raise TrecError(f"{run.run.root}: a dcn (ranker) run is needed (model.name is '{run.cfg.model.name}')")
@@ -131,7 +131,7 @@ def index_candidates(index) -> Callable[..., CandidateGenerator]:
 
     def make(retriever: TrainedRun, dataset: PreparedDataset, exclude_splits: Sequence[str],
              ctx: DistContext) -> CandidateGenerator:
-        from trec.evaluation import search_excluding
+        from trec.evaluation.retrieval import search_excluding
 
         tower = two_tower_of(retriever)
         check_index_binding(index, retriever)  # vectors of this run, checkpoint, dataset

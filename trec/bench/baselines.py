@@ -46,7 +46,7 @@ class PlainEmbeddingBags(nn.Module):
 
 def baseline_task(cfg: TrecConfig, dataset, sparse: bool) -> nn.Module:
     """trec's two-tower task with its EBCs swapped for plain PyTorch embeddings."""
-    from trec.models.two_tower import build_two_tower_task
+    from trec.models.two_tower.model import build_two_tower_task
 
     task = build_two_tower_task(cfg.model, dataset)
     for tower in (task.model.user_tower, task.model.item_tower):

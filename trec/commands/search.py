@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     from trec.data import PreparedDataset
     from trec.distributed import distributed_session
-    from trec.evaluation import search_excluding
+    from trec.evaluation.retrieval import search_excluding
     from trec.runs import check_index_binding, check_run_dataset, load_trained_run, run_config, two_tower_of
     from trec.two_stage import check_k, serve_user
 

@@ -43,7 +43,7 @@ def write_part(directory: Path, kind: str, encode: Callable, dataset, ctx, batch
 
     Returns the rows this rank wrote; logs the throughput (rows encoded per second, all ranks).
     """
-    from trec.evaluation import entity_batches
+    from trec.evaluation.retrieval import entity_batches
 
     entity, feature = _ENTITY[kind]
     count = dataset.num_items if entity == "item" else dataset.num_users

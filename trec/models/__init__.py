@@ -33,8 +33,8 @@ class ModelSpec:
 
 def _registry() -> dict[str, ModelSpec]:
     # Imported lazily: building the parser or reading a config must not import torchrec models.
-    from trec.models.dcn import build_dcn_task, evaluate_dcn, setup_dcn
-    from trec.models.two_tower import build_two_tower_task, evaluate_two_tower
+    from trec.models.dcn.model import build_dcn_task, evaluate_dcn, setup_dcn
+    from trec.models.two_tower.model import build_two_tower_task, evaluate_two_tower
 
     return {
         "two_tower": ModelSpec(build_two_tower_task, evaluate_two_tower, "ndcg@10"),

@@ -179,7 +179,7 @@ def evaluate_two_tower(task: RetrievalTask, dataset: PreparedDataset, split: str
     With ``index`` (a trec.export.ShardedIndex of this run's items) the same users are also
     ranked through the index (``index/...`` keys, and its ANN recall against exact search).
     """
-    from trec.evaluation import encode_all_items, evaluate_retrieval
+    from trec.evaluation.retrieval import encode_all_items, evaluate_retrieval
 
     items = encode_all_items(task.model.item_embeddings, dataset, cfg.data.eval_batch_size, ctx, cfg.data.history_max_len)
     return evaluate_retrieval(

@@ -1,0 +1,1 @@
+"""Evaluation of retrieval (retrieval.py) and ranking models."""

@@ -1,0 +1,1 @@
+"""DCN-v2 ranking (see model.py)."""
