@@ -12,8 +12,8 @@ split, 8 bytes per interaction):
 4. **write**: assign train/val/test, write the split shards, count train interactions per
    item/user and gather user histories.
 
-Then the feature tables, mappings and ``manifest.json`` (with the sha256 of every file) are
-written. Everything happens in a temporary directory beside ``--out`` that is renamed into
+Then the feature tables and mappings (:mod:`data_pipeline.features`) and ``manifest.json`` (with
+the sha256 of every file) are written. Everything happens in a temporary directory beside ``--out`` that is renamed into
 place at the end, so a failure never leaves a partial dataset.
 """
 
@@ -30,11 +30,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_pipeline import layout as L
+from data_pipeline.features import feature_mapping, write_features
 from data_pipeline.history import HistoryCollector
-from data_pipeline.mapping import Mapping, ValueCounter, build_mapping, representatives
-from data_pipeline.sources import NUMERIC, RawFeature, Source
+from data_pipeline.mapping import Mapping, ValueCounter, build_mapping
+from data_pipeline.sources import NUMERIC, Source
 from data_pipeline.split import SPLIT_NAMES, TRAIN, Splitter
-from data_pipeline.writer import ShardWriter, file_entries, write_table
+from data_pipeline.writer import ShardWriter, file_entries
 from trec import __version__
 from trec.config import Duplicates, IdMapping, PrepareConfig
 from trec.errors import TrecError
@@ -94,7 +95,7 @@ def prepare_dataset(source: Source, out: str | Path, options: PrepareConfig, ove
             L.ITEM_ID: _id_mapping(L.ITEM_ID, staged.counts["item"], options),
         }
         context = {
-            f.name: _feature_mapping(f.name, staged.counts[f.name], options, hash_buckets)
+            f.name: feature_mapping(f.name, staged.counts[f.name], options, hash_buckets)
             for f in source.features if f.entity == "context"
         }
         mapped = _timed(log, "map", lambda: _map(staged, ids, context, options, work / "mapped.parquet"))
@@ -103,8 +104,9 @@ def prepare_dataset(source: Source, out: str | Path, options: PrepareConfig, ove
         _timed(log, "observe", lambda: _observe(mapped, splitter))
         written = _timed(log, "write", lambda: _write_splits(mapped, splitter, source, tmp, options,
                                                              num_users, num_items))
-        features, files = _timed(log, "features", lambda: _write_features(
-            tmp, source, ids, context, written, options, hash_buckets))
+        features, files = _timed(log, "features", lambda: write_features(
+            tmp, source, ids, context, {"user": written.user_train, "item": written.item_train}, written.history,
+            options, hash_buckets))
         for path in sorted(work.iterdir()):
             path.unlink()
         work.rmdir()
@@ -162,12 +164,6 @@ def _check_options(options: PrepareConfig, source: Source) -> dict[str, int]:
 
 def _id_mapping(name: str, counts: pa.Table, options: PrepareConfig) -> Mapping:
     return build_mapping(name, counts, str(options.id_mapping), options.min_count, options.hash_buckets)
-
-
-def _feature_mapping(name: str, counts: pa.Table, options: PrepareConfig, hash_buckets: dict[str, int]) -> Mapping:
-    if name in hash_buckets:
-        return build_mapping(name, counts, "hash", buckets=hash_buckets[name])
-    return build_mapping(name, counts, "vocab", options.min_count)
 
 
 # ---- pass 1: stage ---------------------------------------------------------------------------
@@ -331,103 +327,7 @@ def _write_splits(mapped: _Mapped, splitter: Splitter, source: Source, root: Pat
     return _Written(counts, files, item_train, user_train, history.result() if history is not None else None)
 
 
-# ---- feature tables, mappings, manifest -------------------------------------------------------
-
-
-def _categorical_spec(name: str, entity: str, mapping: Mapping, multi_hot: bool) -> dict:
-    spec = {"name": name, "entity": entity, "kind": "categorical", "multi_hot": multi_hot,
-            "cardinality": mapping.cardinality, "mapping": mapping.kind, "oov_index": mapping.oov_index,
-            "mapping_file": L.mapping_file(mapping.feature)}
-    if mapping.kind == "hash":
-        spec["hash_buckets"] = mapping.size
-    return spec
-
-
-def _side_rows(ids: Mapping, side: pa.Table | None) -> pa.Array | None:
-    """For each index 0..n-1, the row of the raw side table describing it (null if none)."""
-    if side is None:
-        return None
-    reps = representatives(ids)
-    side_ids = side["id"].combine_chunks()
-    if side_ids.type != reps.type:
-        side_ids = side_ids.cast(reps.type)
-    return pc.index_in(reps, value_set=side_ids)
-
-
-def _entity_columns(entity: str, ids: Mapping, side: pa.Table | None, features: list[RawFeature],
-                    options: PrepareConfig, hash_buckets: dict[str, int]) -> tuple[dict, list[dict], list[Mapping]]:
-    """Columns of features/<entity>s.parquet (mapped side features), their manifest specs and mappings."""
-    count = ids.size
-    rows = _side_rows(ids, side)
-    columns: dict[str, pa.Array] = {f"{entity}_id": pa.array(np.arange(count, dtype=np.int64))}
-    specs, mappings = [], []
-    for feature in features:
-        if rows is None or feature.name not in side.column_names:
-            raw = pa.nulls(count, pa.float64() if feature.kind == NUMERIC else pa.string())
-        else:
-            raw = side[feature.name].combine_chunks().take(rows)
-        if feature.kind == NUMERIC:
-            values = raw.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float32)
-            present = values[~np.isnan(values)]
-            mean = float(present.mean()) if len(present) else 0.0
-            std = float(present.std()) if len(present) else 1.0
-            columns[feature.name] = pa.array(values, pa.float32())
-            specs.append({"name": feature.name, "entity": entity, "kind": "numeric", "multi_hot": False,
-                          "mean": mean, "std": std, "fill": "mean", "missing": int(len(values) - len(present))})
-            continue
-        if feature.multi_hot:
-            raw = raw if not pa.types.is_null(raw.type) else pa.nulls(count, pa.list_(pa.string()))
-            flat = pc.list_flatten(raw)
-            counter = ValueCounter()
-            counter.add(flat)
-            mapping = _feature_mapping(feature.name, counter.result(flat.type), options, hash_buckets)
-            lengths = pc.fill_null(pc.list_value_length(raw), 0).to_numpy(zero_copy_only=False)
-            offsets = np.zeros(count + 1, np.int32)
-            np.cumsum(lengths, out=offsets[1:])
-            columns[feature.name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(mapping.lookup(flat)))
-        else:
-            counter = ValueCounter()
-            counter.add(raw)
-            mapping = _feature_mapping(feature.name, counter.result(raw.type), options, hash_buckets)
-            columns[feature.name] = pa.array(mapping.lookup(raw))
-        specs.append(_categorical_spec(feature.name, entity, mapping, feature.multi_hot))
-        mappings.append(mapping)
-    if entity == "item" and side is not None and L.TITLE in side.column_names and rows is not None:
-        columns[L.TITLE] = side[L.TITLE].combine_chunks().cast(pa.string()).take(rows)
-    return columns, specs, mappings
-
-
-def _write_features(root: Path, source: Source, ids: dict[str, Mapping], context: dict[str, Mapping],
-                    written: _Written, options: PrepareConfig, hash_buckets: dict[str, int]) -> tuple[list[dict], list[Path]]:
-    specs: list[dict] = []
-    files: list[Path] = []
-    mappings = [ids[L.USER_ID], ids[L.ITEM_ID], *context.values()]
-    for entity, file, train in (("user", L.USERS_FILE, written.user_train), ("item", L.ITEMS_FILE, written.item_train)):
-        mapping = ids[f"{entity}_id"]
-        features = [f for f in source.features if f.entity == entity]
-        columns, entity_specs, entity_maps = _entity_columns(
-            entity, mapping, source.side_table(entity), features, options, hash_buckets)
-        columns[L.TRAIN_COUNT] = pa.array(train)
-        files.append(write_table(root / file, pa.table(columns)))
-        specs.append(_categorical_spec(f"{entity}_id", entity, mapping, False))
-        specs += entity_specs
-        mappings += entity_maps
-        if entity == "user" and written.history is not None:
-            files.append(_write_history(root, written.history, mapping.size))
-            history_spec = _categorical_spec(L.USER_HISTORY, "user", ids[L.ITEM_ID], True)
-            history_spec.update({"vocab_of": L.ITEM_ID, "max_len": options.history_max_len, "file": L.HISTORY_FILE})
-            specs.append(history_spec)
-    specs += [_categorical_spec(name, "context", mapping, False) for name, mapping in context.items()]
-    for mapping in mappings:
-        files.append(write_table(root / L.mapping_file(mapping.feature), mapping.table()))
-    return specs, files
-
-
-def _write_history(root: Path, history: tuple[np.ndarray, np.ndarray], num_users: int) -> Path:
-    offsets, items = history
-    lists = pa.ListArray.from_arrays(pa.array(offsets), pa.array(items, pa.int64()))
-    table = pa.table({L.USER_ID: pa.array(np.arange(num_users, dtype=np.int64)), "history": lists})
-    return write_table(root / L.HISTORY_FILE, table)
+# ---- manifest ----------------------------------------------------------------------------------
 
 
 def _manifest(source: Source, options: PrepareConfig, ids: dict[str, Mapping], splitter: Splitter,

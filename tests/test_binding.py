@@ -101,12 +101,12 @@ def test_an_index_of_another_run_or_checkpoint_is_refused(ml100k_prepared, tmp_p
     from trec.distributed import distributed_session
     from trec.export import ShardedIndex
     from trec.runs import load_trained_run
-    from trec.two_stage import index_candidates
+    from trec.two_stage import retrieval_candidates
 
     with distributed_session(0, "cpu", "WARNING") as ctx:
         retriever = load_trained_run(run_b, ctx)
         with pytest.raises(TrecError, match=re.escape(f"not from {run_b}")):
-            index_candidates(ShardedIndex.load(export))(retriever, retriever.dataset, ["train"], ctx)
+            retrieval_candidates(retriever, retriever.dataset, ["train"], ctx, ShardedIndex.load(export))
 
 
 def test_an_index_of_another_legacy_run_is_refused(tmp_path):

@@ -12,9 +12,9 @@ from trec.config import (
     ShardingKind,
     TrecConfig,
     config_to_dict,
-    load_config,
     save_config,
 )
+from trec.models import load_config
 from trec.errors import TrecError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -83,7 +83,7 @@ def test_schedule_position_survives_a_checkpoint():
 
 
 def test_training_log_every_steps_is_gone_with_a_pointer_to_the_real_key(tmp_path):
-    from trec.config import load_config
+    from trec.models import load_config
     from trec.errors import TrecError
 
     assert load_config(None, ["logging.log_every_steps=7"]).logging.log_every_steps == 7

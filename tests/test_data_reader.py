@@ -242,13 +242,12 @@ def test_iter_index_batches_pads_ranks_to_equal_counts():
 
 
 def test_user_items_csr(dataset, sharded):
-    offsets, items = dataset.user_items(["train"])
-    assert offsets.shape == (944,) and offsets[-1] == 74_992
+    seen = dataset.user_items(["train"])
+    assert seen.offsets.shape == (944,) and seen.offsets[-1] == 74_992 and seen.num_rows == 943
     table = pq.read_table(sharded / "train")
     mine = np.sort(table["item_id"].to_numpy()[table["user_id"].to_numpy() == 5])
-    assert items[offsets[5] : offsets[6]].tolist() == mine.tolist()
-    offsets, _ = dataset.user_items(["train", "test"])
-    assert offsets[-1] == 100_000
+    assert seen.row(5).tolist() == mine.tolist()
+    assert dataset.user_items(["train", "test"]).offsets[-1] == 100_000
 
 
 def test_open_validates_the_manifest(sharded, tmp_path):
@@ -286,13 +285,13 @@ def test_lookup_and_raw_ids(dataset):
 
 @pytest.mark.parametrize("max_len", [0, 1, 3, 8])
 def test_history_window_matches_a_plain_python_reference(max_len):
-    from trec.data import _Csr
+    from trec.data import Csr
 
     rng = np.random.default_rng(max_len)
     lengths = rng.integers(0, 12, 40)
     offsets = np.r_[0, np.cumsum(lengths)]
     values = rng.integers(0, 6, offsets[-1])  # few distinct items: repeats and hits are common
-    csr = _Csr(offsets, values)
+    csr = Csr(offsets, values)
     index = rng.integers(-1, 40, 200)
     exclude = rng.integers(-1, 6, 200)
     for excluding in (False, True):

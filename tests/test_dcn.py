@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from trec.config import CrossStructure, DCNConfig, Interaction, ModelConfig, TableConfig
-from trec.data import FeatureSpec
+from trec.config import ModelConfig, TableConfig
+from trec.models.dcn.config import CrossStructure, DCNConfig, Interaction
+from trec.data import Csr, FeatureSpec
 from trec.errors import TrecError
 from trec.metrics import ClickMetrics, format_metrics
-from trec.models.dcn.model import CrossInteraction, DCNRanker, held_out_rows
+from trec.evaluation.ranking import held_out_rows
+from trec.models.dcn.model import CrossInteraction, DCNRanker
 from trec.negatives import RankingNegativeSampler
 
 
@@ -48,7 +50,7 @@ class _Features:
 def _ranker(interaction: Interaction, structure=CrossStructure.stacked, **model) -> DCNRanker:
     dcn = DCNConfig(interaction=interaction, structure=structure, dense_layers=[8, 4], top_layers=[16, 8],
                     cross_layers=2, low_rank=3)
-    return DCNRanker(ModelConfig(name="dcn", embedding_dim=4, dcn=dcn, **model), _Features(), rating_center=3.5)
+    return DCNRanker(ModelConfig(name="dcn", embedding_dim=4, **model), dcn, _Features(), rating_center=3.5)
 
 
 @pytest.mark.parametrize(
@@ -81,9 +83,9 @@ def test_dot_interaction_needs_one_embedding_width():
 # --------------------------------------------------------------------------------------------
 
 
-def _known() -> tuple[np.ndarray, np.ndarray]:
+def _known() -> Csr:
     # user 0 knows items {0, 1, 2}, user 1 knows {5}, user 2 nothing; catalog of 8 items.
-    return np.array([0, 3, 4, 4]), np.array([0, 1, 2, 5])
+    return Csr(np.array([0, 3, 4, 4]), np.array([0, 1, 2, 5]))
 
 
 def test_random_negatives_avoid_known_items_and_are_reproducible():
@@ -103,7 +105,7 @@ def test_random_negatives_avoid_known_items_and_are_reproducible():
 def test_hard_negatives_come_from_the_users_candidates_in_the_configured_share():
     sampler = RankingNegativeSampler(_known(), num_items=8, per_positive=4, hard_ratio=0.5)
     # hard candidates: user 0 → {6, 7, 1 (known: skipped)}, user 1 → none (random fallback).
-    sampler.set_hard_candidates(np.array([0, 3, 3, 3]), np.array([6, 7, 1]))
+    sampler.set_hard_candidates(Csr(np.array([0, 3, 3, 3]), np.array([6, 7, 1])))
     negatives = sampler.negatives(np.array([0] * 50 + [1] * 50), np.random.default_rng(0))
     assert set(negatives[:50, :2].reshape(-1).tolist()) == {6, 7}  # 2 of 4 hard, never the known 1
     assert not set(negatives[:50, 2:].reshape(-1).tolist()) & {0, 1, 2}
@@ -114,9 +116,8 @@ def test_held_out_rows_are_fixed_and_never_known(ml100k_prepared):
     from trec.data import PreparedDataset
 
     dataset = PreparedDataset.open(ml100k_prepared)
-    cfg = DCNConfig(eval_negatives=3, eval_seed=5)
-    users, items, labels, ratings = held_out_rows(dataset, "val", cfg)
-    again = held_out_rows(dataset, "val", cfg)
+    users, items, labels, ratings = held_out_rows(dataset, "val", 3, 5)
+    again = held_out_rows(dataset, "val", 3, 5)
     assert np.array_equal(items, again[1])
     positives = dataset.num_rows("val")
     assert len(users) == 4 * positives and labels.sum() == positives and (ratings[:positives] >= 1).all()

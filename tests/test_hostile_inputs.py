@@ -384,13 +384,15 @@ def test_torchrun_worker_error_is_one_line(tmp_path):
 
 def test_every_range_rule_names_a_config_field():
     """A renamed config field must not silently drop out of validation (a KeyError-free typo)."""
-    from trec.config import _RANGES, TableConfig, TableShardingConfig, TrecConfig, _lookup, validate_config
+    from trec.config import TableConfig, TableShardingConfig, validate_config
+    from trec.config.validation import _lookup, range_rules
+    from trec.models import default_config
 
-    cfg = TrecConfig()
+    cfg = default_config()
     cfg.model.tables = {"item_id": TableConfig(embedding_dim=8)}
     cfg.sharding.tables = {"t_item_id": TableShardingConfig(min_partition=4)}
     validate_config(cfg)
-    for key in _RANGES:
+    for key, _ in range_rules(cfg):
         assert list(_lookup(cfg, key.split("."), "")), f"{key} names no config field"
 
 

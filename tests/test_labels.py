@@ -19,8 +19,10 @@ import pytest
 import torch
 from training import run_command, trec_command
 
-from trec.config import DataConfig, DCNConfig, EvaluationConfig, ModelConfig, ModelName
-from trec.data import PreparedDataset
+from trec.config import DataConfig, EvaluationConfig, ModelConfig
+from trec.models.dcn.config import DCNConfig
+from trec.models.two_tower.config import TwoTowerConfig
+from trec.data import Csr, PreparedDataset
 from trec.distributed import DistContext
 from trec.losses import sampled_softmax_loss
 
@@ -97,12 +99,10 @@ def test_user_history_holds_positive_train_rows_only(clicks):
 def _retrieval_task(dataset: PreparedDataset, **loss):
     from trec.models.two_tower.model import RetrievalTask
 
-    cfg = ModelConfig(name=ModelName.two_tower, embedding_dim=8)
-    cfg.two_tower.tower_layers = [16]
-    cfg.two_tower.output_dim = 8
+    cfg = TwoTowerConfig(tower_layers=[16], output_dim=8)
     for key, value in loss.items():
-        setattr(cfg.two_tower.loss, key, value)
-    return _materialise(RetrievalTask(cfg, dataset))
+        setattr(cfg.loss, key, value)
+    return _materialise(RetrievalTask(ModelConfig(name="two_tower", embedding_dim=8), cfg, dataset))
 
 
 def test_retrieval_loss_ignores_label_zero_rows(clicks):
@@ -232,12 +232,12 @@ def test_graded_gain_is_two_to_the_label_minus_one(tiny):
 
 
 def test_ranker_held_out_rows_carry_the_real_labels(clicks):
-    from trec.models.dcn.model import held_out_rows
+    from trec.evaluation.ranking import held_out_rows
 
     dataset = PreparedDataset.open(clicks)
     test = _split(dataset, "test")
     clicks_ = (test["label"] >= 0.5).astype(np.float32)
-    users, items, labels, _ = held_out_rows(dataset, "test", DCNConfig(eval_negatives=2, eval_seed=1))
+    users, items, labels, _ = held_out_rows(dataset, "test", 2, 1)
     rows = len(test["label"])
     # The held-out rows first, label-0 ones as negatives; then 2 sampled negatives per positive only.
     assert np.array_equal(labels[:rows], clicks_) and clicks_.sum() < rows
@@ -249,9 +249,8 @@ def test_ranker_trains_label_zero_rows_as_negatives_without_sampled_negatives(cl
     from trec.models.dcn.model import RankingTask
 
     dataset = PreparedDataset.open(clicks)
-    cfg = ModelConfig(name=ModelName.dcn, embedding_dim=8)
-    cfg.dcn.dense_layers, cfg.dcn.top_layers, cfg.dcn.low_rank, cfg.dcn.negatives_per_positive = [8], [8], 4, 2
-    task = _materialise(RankingTask(cfg, dataset))
+    cfg = DCNConfig(dense_layers=[8], top_layers=[8], low_rank=4, negatives_per_positive=2)
+    task = _materialise(RankingTask(ModelConfig(name="dcn", embedding_dim=8), cfg, dataset))
     users, items = np.array([0, 1, 2]), np.array([10, 20, 30])
     rows = task.augment(users, items, np.array([1.0, 0.0, 1.0], np.float32), np.zeros(3, np.float32),
                         np.random.default_rng(0))
@@ -346,7 +345,7 @@ def test_two_stage_evaluation_honours_graded_gain(tiny):
 def test_a_user_with_no_positive_training_row_gets_the_popularity_fallback(tmp_path):
     """Its training rows weigh 0 in the retriever's loss: its user embedding never trained, and search
     or recommend would serve noise as a personalised list. user 2: only label-0 rows in train."""
-    from trec.two_stage import serve_user
+    from trec.evaluation.served import serve_user
 
     rows = [(1, 10, 1, 1.0), (1, 11, 2, 1.0), (1, 12, 3, 1.0), (2, 10, 1, 0.0), (2, 11, 2, 0.0), (2, 12, 3, 1.0)]
     users, items, times, labels = zip(*rows)
@@ -363,13 +362,13 @@ def test_a_user_with_no_positive_training_row_gets_the_popularity_fallback(tmp_p
 def test_hard_auc_rows_are_the_positives_against_their_hard_candidates_only(clicks):
     """hard_auc is how well the ranker orders the retriever's candidates: the held-out label-0 rows
     (real negatives, already in auc) must not be among its negatives."""
-    from trec.models.dcn.model import held_out_rows
+    from trec.evaluation.ranking import held_out_rows
 
     dataset = PreparedDataset.open(clicks)
     test = _split(dataset, "test")
     positive = test["label"] >= 0.5
-    no_candidates = (np.zeros(dataset.num_users + 1, np.int64), np.zeros(0, np.int64))  # falls back to uniform
-    users, items, labels, _ = held_out_rows(dataset, "test", DCNConfig(eval_negatives=2, eval_seed=1), no_candidates)
+    no_candidates = Csr(np.zeros(dataset.num_users + 1, np.int64), np.zeros(0, np.int64))  # falls back to uniform
+    users, items, labels, _ = held_out_rows(dataset, "test", 2, 1, no_candidates)
     count = int(positive.sum())
     assert len(users) == 3 * count and labels[:count].all() and not labels[count:].any()
     assert np.array_equal(items[:count], test["item_id"][positive])
@@ -378,11 +377,11 @@ def test_hard_auc_rows_are_the_positives_against_their_hard_candidates_only(clic
 def test_an_excluded_item_is_never_listed_even_when_fewer_than_k_remain():
     """Exclude seen whatever the label: an item shown to the user in train (label 0) and clicked in test
     is excluded, so it can be no hit, not even as a filler of a list longer than what remains."""
-    from trec.evaluation.retrieval import score_topk
+    from trec.evaluation.topk import score_topk
     from trec.metrics import topk_hits
 
     scores = torch.tensor([[5.0, 4.0, 3.0, 2.0]])
-    top = score_topk(scores, torch.tensor([0, 1]), 4)  # the user has seen items 0 and 1
+    top = score_topk(scores, torch.tensor([0, 1]), 4)[0]  # the user has seen items 0 and 1
     assert top.tolist() == [[2, 3, -1, -1]]
     assert not topk_hits(top, torch.tensor([1]), 4).any()  # item 1 is a positive test row, but was seen
 

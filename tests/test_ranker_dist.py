@@ -156,14 +156,14 @@ def test_two_stage_matches_brute_force(ranker, retriever, ml100k_prepared):
     """evaluate_two_stage against candidates, ranker scores and metrics computed here from the same models."""
     from trec.data import PreparedDataset
     from trec.distributed import distributed_session
-    from trec.two_stage import evaluate_two_stage, exact_candidates, load_run, ranker_of
+    from trec.two_stage import evaluate_two_stage, load_run, ranker_of, retrieval_candidates
 
     n, k = 20, 10
     with distributed_session(0, log_level="WARNING") as ctx:
         dataset = PreparedDataset.open(ml100k_prepared)
         two_tower, dcn = load_run(retriever, dataset, ctx), load_run(ranker, dataset, ctx)
         excluded = ["train", "val"]
-        generate, items = exact_candidates(two_tower, dataset, excluded, ctx)
+        generate, items = retrieval_candidates(two_tower, dataset, excluded, ctx)
         score = ranker_of(dcn, dataset, ctx)
         metrics = evaluate_two_stage(generate, score, dataset, "test", [k], n, two_tower.cfg.data, 1000,
                                      ctx, items)
@@ -176,21 +176,21 @@ def test_two_stage_matches_brute_force(ranker, retriever, ml100k_prepared):
             item_batch = dataset.build_batch(none, np.arange(dataset.num_items), np.zeros(0))
             user_batch = dataset.build_batch(users, np.full(len(users), -1), np.zeros(0),
                                              history_max_len=two_tower.cfg.data.history_max_len)
-            scores = two_tower.task.model.user_embeddings(user_batch) @ two_tower.task.model.item_embeddings(item_batch).T
-            offsets, seen = dataset.user_items(excluded)
-            test_offsets, test_items = dataset.user_items(["test"])
+            scores = two_tower.task.retriever.encode_users(user_batch) @ two_tower.task.retriever.encode_items(item_batch).T
+            seen = dataset.user_items(excluded)
+            test = dataset.user_items(["test"])
             candidates = []
             for user in users:
                 row = scores[user].clone()
-                row[seen[offsets[user] : offsets[user + 1]]] = -torch.inf
+                row[seen.row(user)] = -torch.inf
                 candidates.append(torch.argsort(row, descending=True, stable=True)[:n].numpy())
             candidates = np.stack(candidates)
             retrieval_scores = scores.gather(1, torch.as_tensor(candidates)).numpy()
             pairs = dataset.build_batch(np.repeat(users, n), candidates.reshape(-1), np.zeros(len(users) * n),
                                         history_max_len=dcn.cfg.data.history_max_len)
             ranker_scores = dcn.task.model(pairs)[0].reshape(len(users), n).numpy()
-        evaluated = [u for u in users if test_offsets[u + 1] > test_offsets[u]]
-        relevant = [set(test_items[test_offsets[u] : test_offsets[u + 1]].tolist()) for u in evaluated]
+        evaluated = [u for u in users if len(test.row(u))]
+        relevant = [set(test.row(u).tolist()) for u in evaluated]
         retrieval_lists = [candidates[u].tolist() for u in evaluated]
         reranked = [candidates[u][np.argsort(-ranker_scores[u], kind="stable")].tolist() for u in evaluated]
         two_stage = ranker_scores + WEIGHT * retrieval_scores

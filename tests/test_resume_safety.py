@@ -92,18 +92,19 @@ def test_a_start_that_changes_shapes_or_semantics_is_refused_before_anything_is_
 def test_a_resume_may_not_change_what_the_best_metric_means(tmp_path):
     """evaluation.gain and evaluation.exclude_train change the value of the metric that picks best/
     (and early stopping): the resumed run would compare graded against binary NDCG. In-process, no run."""
-    from trec.config import TrecConfig, save_config
+    from trec.config import save_config
+    from trec.models import default_config
     from trec.errors import TrecError
     from trec.runs import RunDir, check_resumable_config
 
     run = RunDir(tmp_path)
-    saved = TrecConfig()
+    saved = default_config()
     save_config(saved, run.config)
     for key, value in (("gain", "graded"), ("exclude_train", False)):
-        changed = TrecConfig()
+        changed = default_config()
         setattr(changed.evaluation, key, value)
         with pytest.raises(TrecError, match=f"evaluation.{key}"):
             check_resumable_config(changed, run)
-    harmless = TrecConfig()
+    harmless = default_config()
     harmless.evaluation.max_users, harmless.evaluation.popularity_baseline = 100, False
     check_resumable_config(harmless, run)

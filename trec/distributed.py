@@ -1,4 +1,4 @@
-"""Distributed runtime: process group, device, seeding, rank-0 logging, and the one DMP call site.
+"""Distributed runtime: process group, device, seeding, rank-0 logging, cross-rank reductions, the one DMP call site.
 
 Launched by torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in the environment) every rank
 joins the group torchrun describes; launched as a plain process it runs as a group of one, so
@@ -159,8 +159,61 @@ def distributed_session(seed: int = 0, device: str = "auto", log_level: str = "I
 
 
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if group_size() > 1:
         dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# cross-rank reductions: each a no-op without a process group or in a group of one, so the same
+# code runs in a plain process
+# --------------------------------------------------------------------------------------------
+
+
+def group_size(group: dist.ProcessGroup | None = None) -> int:
+    """Ranks in ``group`` (default: every rank); 1 without an initialised process group."""
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a tensor must live to travel in ``group``: nccl moves CUDA tensors only, gloo CPU ones."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def dist_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``tensor`` summed element-wise over the ranks of ``group``, in place (and returned)."""
+    if group_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def dist_max(value, group: dist.ProcessGroup | None = None):
+    """The maximum over the ranks of ``group``: a tensor element-wise, in place (and returned); a
+    bool, int or float as the same Python type (e.g. ``dist_max(flag)``: True on every rank once any has it)."""
+    if isinstance(value, torch.Tensor):
+        if group_size(group) > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+        return value
+    if group_size(group) == 1:
+        return value
+    dtype = torch.float64 if isinstance(value, float) else torch.int64
+    tensor = torch.tensor([value], dtype=dtype, device=collective_device(group))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return type(value)(tensor.item())
+
+
+def dist_mean(value, group: dist.ProcessGroup | None = None):
+    """The mean over the ranks of ``group``: a tensor element-wise, as a new floating tensor (the
+    input is left as it is); a number as a float."""
+    if isinstance(value, torch.Tensor):
+        # At least float32 (bf16 sums lose digits); always a copy, so the caller's tensor stays as it was.
+        mean = value.detach().to(torch.promote_types(value.dtype, torch.float32), copy=True)
+        return dist_sum(mean, group).div_(group_size(group))
+    if group_size(group) == 1:
+        return float(value)
+    tensor = torch.tensor([value], dtype=torch.float64, device=collective_device(group))
+    return dist_sum(tensor, group).item() / group_size(group)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,13 +295,15 @@ def build_constraints(cfg: ShardingConfig, table_names: list[str], device: torch
 
 
 def embedding_table_names(model: nn.Module) -> list[str]:
-    """Names of every table in the model's EmbeddingBagCollections, in module order."""
-    from torchrec import EmbeddingBagCollection
+    """Names of every table in the model's EmbeddingBagCollections and EmbeddingCollections, in module order."""
+    from torchrec import EmbeddingBagCollection, EmbeddingCollection
 
     names: list[str] = []
     for module in model.modules():
         if isinstance(module, EmbeddingBagCollection):
             names.extend(table.name for table in module.embedding_bag_configs())
+        elif isinstance(module, EmbeddingCollection):
+            names.extend(table.name for table in module.embedding_configs())
     return names
 
 
@@ -258,10 +313,11 @@ def dense_parameter_bytes(model: nn.Module) -> int:
     Given to the planner's storage reservation so that it does not have to guess the dense
     size from unmaterialised (meta) tensors.
     """
-    from torchrec import EmbeddingBagCollection
+    from torchrec import EmbeddingBagCollection, EmbeddingCollection
 
     table_params = {
-        id(p) for m in model.modules() if isinstance(m, EmbeddingBagCollection) for p in m.parameters()
+        id(p) for m in model.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))
+        for p in m.parameters()
     }
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in table_params)
 

@@ -1,4 +1,4 @@
-"""Metrics: top-K ranking metrics, their cross-rank aggregation, and the TensorBoard writer.
+"""Metrics: top-K ranking metrics and their cross-rank aggregation (TensorBoard: :mod:`trec.logger`).
 
 Ranking metrics follow the definitions of Microsoft's recommenders benchmark (binary gain):
 for a user with relevant set R and top-K list L,
@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
+
+from trec.data.csr import pair_key
+from trec.distributed import dist_max, dist_sum
 
 logger = logging.getLogger("trec")
 
@@ -41,7 +42,7 @@ def topk_hits(topk_items: torch.Tensor, relevant_keys: torch.Tensor, num_items: 
         U X K bool.
     """
     rows = torch.arange(topk_items.shape[0], device=topk_items.device)[:, None]
-    return torch.isin(rows * num_items + topk_items, relevant_keys) & (topk_items >= 0)
+    return torch.isin(pair_key(rows, topk_items, num_items), relevant_keys) & (topk_items >= 0)
 
 
 def graded_gain(labels: torch.Tensor) -> torch.Tensor:
@@ -56,7 +57,7 @@ def topk_gains(topk_items: torch.Tensor, relevant_keys: torch.Tensor, relevant_g
     relevant_keys: sorted int64 keys as in :func:`topk_hits`; relevant_gains: their gains, aligned.
     """
     rows = torch.arange(topk_items.shape[0], device=topk_items.device)[:, None]
-    keys = rows * num_items + topk_items
+    keys = pair_key(rows, topk_items, num_items)
     if relevant_keys.numel() == 0:
         return torch.zeros(keys.shape, dtype=torch.float64, device=keys.device)
     where = torch.searchsorted(relevant_keys, keys).clamp_max(relevant_keys.numel() - 1)
@@ -160,9 +161,8 @@ class RankingAccumulator:
         """Means over every user of every rank (collective when a process group is up)."""
         sums = torch.stack([self.users, *self.sums.values()])
         covered = torch.stack([self.recommended[k] for k in self.ks]).to(torch.uint8)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(sums)
-            dist.all_reduce(covered, op=dist.ReduceOp.MAX)
+        dist_sum(sums)
+        dist_max(covered)
         users = max(sums[0].item(), 1.0)
         result = {name: value.item() / users for name, value in zip(self.sums, sums[1:])}
         for k, row in zip(self.ks, covered):
@@ -231,45 +231,6 @@ class ClickMetrics:
         if self.rating is not None:
             result["rating_mse"] = values["mse-rating|lifetime_mse"]
         return result
-
-
-class MetricsLogger:
-    """TensorBoard writer for rank 0 (a no-op elsewhere).
-
-    ``purge_step`` makes TensorBoard drop events a crashed earlier attempt wrote at or after
-    that step, so a resumed run never shows a step twice.
-    """
-
-    def __init__(self, log_dir: Path | None, enabled: bool, purge_step: int | None = None) -> None:
-        self.writer = None
-        if enabled and log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
-
-    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
-        if self.writer is None:
-            return
-        for name, value in values.items():
-            self.writer.add_scalar(f"{prefix}{name}", value, step)
-
-    def histogram(self, name: str, values: torch.Tensor, step: int) -> None:
-        if self.writer is not None and values.numel():
-            self.writer.add_histogram(name, values.detach().float().cpu(), step)
-
-    def hparams(self, params: dict[str, object], metrics: dict[str, float]) -> None:
-        if self.writer is not None:
-            clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
-            self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name="hparams")
-
-    def projector(self, vectors: torch.Tensor, labels: list[str], step: int, tag: str = "items") -> None:
-        if self.writer is not None and len(labels):
-            self.writer.add_embedding(vectors.detach().float().cpu(), metadata=labels, global_step=step, tag=tag)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
 
 
 def format_ranking_table(metrics: dict[str, float], columns: dict[str, str]) -> str:

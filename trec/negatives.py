@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from data_pipeline.layout import DEFAULT_POSITIVE_THRESHOLD
-from trec.config import NegativeStrategy, RetrievalLossConfig
+from trec.data.csr import Csr, pair_key
 
 
 # Click target of a row the ranker's loss ignores: the sampled rows of a non-positive row, which
@@ -31,19 +31,19 @@ def popularity_distribution(item_counts: np.ndarray) -> np.ndarray:
 
 
 class ExtraItemSampler:
-    """Draws the N extra candidate items of each batch: uniform, by popularity, or a blend.
+    """Draws the N extra candidate items of each batch: uniform, by popularity (``popular_share``
+    of them on average), or a blend.
 
     ``probability`` is the per-draw distribution, used by the loss for logQ correction; the
     ``hard`` strategy draws uniformly and lets the loss keep each row's highest-scored ones.
     """
 
-    def __init__(self, cfg: RetrievalLossConfig, item_counts: np.ndarray) -> None:
+    def __init__(self, item_counts: np.ndarray, num_extra: int, popular_share: float = 0.0) -> None:
         num_items = len(item_counts)
         uniform = np.full(num_items, 1.0 / num_items)
         popular = popularity_distribution(item_counts)
-        share = {NegativeStrategy.popular: 1.0, NegativeStrategy.mixed: cfg.mix_popular}.get(cfg.negatives, 0.0)
-        self.probability = (1.0 - share) * uniform + share * popular
-        self.num_extra = 0 if cfg.negatives == NegativeStrategy.none else cfg.num_negatives
+        self.probability = (1.0 - popular_share) * uniform + popular_share * popular
+        self.num_extra = num_extra
         self._cdf = np.cumsum(self.probability)
         self._cdf /= self._cdf[-1]
 
@@ -66,12 +66,6 @@ class ExtraItemSampler:
 # --------------------------------------------------------------------------------------------
 
 
-def _pair_keys(offsets: np.ndarray, items: np.ndarray, num_items: int) -> np.ndarray:
-    """Sorted int64 keys ``user * num_items + item`` of a user → items CSR."""
-    users = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
-    return np.sort(users * num_items + items)
-
-
 class RankingNegativeSampler:
     """Reader hook of the ranker: appends ``k`` full (same user, negative item) rows per positive.
 
@@ -83,7 +77,7 @@ class RankingNegativeSampler:
     0: a real negative); only positive rows get sampled negatives.
 
     Args:
-        known: (offsets (U+1,), items) CSR of each user's items that must not be negatives.
+        known: user → items Csr of each user's items that must not be negatives.
         num_items: catalog size I.
         positive_threshold: data.positive_threshold.
     """
@@ -92,26 +86,26 @@ class RankingNegativeSampler:
     # catalog known may keep a hit after these (vanishingly rare, and harmless).
     _REDRAWS = 8
 
-    def __init__(self, known: tuple[np.ndarray, np.ndarray], num_items: int, per_positive: int,
+    def __init__(self, known: Csr, num_items: int, per_positive: int,
                  hard_ratio: float = 0.0,
                  positive_threshold: float = DEFAULT_POSITIVE_THRESHOLD) -> None:
         self.num_items = num_items
         self.positive_threshold = positive_threshold
         self.per_positive = per_positive
         self.num_hard = int(round(per_positive * hard_ratio))
-        self._known = _pair_keys(known[0], known[1], num_items)
-        self._hard: tuple[np.ndarray, np.ndarray] | None = None
+        self._known = known.all_keys(num_items)
+        self._hard: Csr | None = None
 
-    def set_hard_candidates(self, offsets: np.ndarray, items: np.ndarray) -> None:
-        """Per-user hard candidates as a CSR (offsets (U+1,), items); known ones are skipped."""
-        self._hard = (np.asarray(offsets, np.int64), np.asarray(items, np.int64))
+    def set_hard_candidates(self, candidates: Csr) -> None:
+        """Per-user hard candidates (a user → items Csr); known ones are skipped."""
+        self._hard = Csr(np.asarray(candidates.offsets, np.int64), np.asarray(candidates.values, np.int64))
 
     @property
-    def hard_candidates(self) -> tuple[np.ndarray, np.ndarray] | None:
+    def hard_candidates(self) -> Csr | None:
         return self._hard
 
     def is_known(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        keys = users * self.num_items + items
+        keys = pair_key(users, items, self.num_items)
         where = np.minimum(np.searchsorted(self._known, keys), max(len(self._known) - 1, 0))
         return self._known[where] == keys if len(self._known) else np.zeros(len(keys), bool)
 
@@ -128,7 +122,7 @@ class RankingNegativeSampler:
     def hard(self, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """(len(users),) items drawn uniformly from each user's hard candidates that are not known
         for the user (random if there are none, or if redraws keep hitting known ones)."""
-        offsets, candidates = self._hard
+        offsets, candidates = self._hard.offsets, self._hard.values
         starts = offsets[users]
         counts = offsets[users + 1] - starts
         last = max(len(candidates) - 1, 0)

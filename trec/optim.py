@@ -13,7 +13,7 @@ import math
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim import (
     CombinedOptimizer,
     GradientClipping,
@@ -43,12 +43,13 @@ _DENSE = {
 
 
 def attach_sparse_optimizer(model: nn.Module, cfg: OptimizerConfig) -> None:
-    """Register the fused optimizer on every EmbeddingBagCollection (call before sharding)."""
+    """Register the fused optimizer on every EmbeddingBagCollection and EmbeddingCollection (call before
+    sharding)."""
     kwargs = {"lr": cfg.sparse_lr, "weight_decay": cfg.sparse_weight_decay}
     if cfg.sparse in (SparseOptimizer.rowwise_adagrad, SparseOptimizer.adagrad, SparseOptimizer.adam):
         kwargs["eps"] = cfg.sparse_eps
     for module in model.modules():
-        if isinstance(module, EmbeddingBagCollection):
+        if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
             apply_optimizer_in_backward(_SPARSE[cfg.sparse], module.parameters(), kwargs)
 
 
@@ -93,8 +94,12 @@ class ScheduledOptimizer(WarmupOptimizer):
 
 
 def build_optimizer(sharded: nn.Module, cfg: OptimizerConfig, total_steps: int) -> CombinedOptimizer:
-    """The step-able optimizer of a DMP model: scheduled fused (sparse) + clipped dense parts."""
+    """The step-able optimizer of a DMP model: scheduled fused (sparse) + clipped dense parts (no dense
+    part for a model made of embedding tables only, as matrix factorization: torch refuses an empty optimizer)."""
+    sparse = ("sparse", ScheduledOptimizer(sharded.fused_optimizer, cfg, total_steps, lr=cfg.sparse_lr))
     dense_params = dict(in_backward_optimizer_filter(sharded.named_parameters()))
+    if not dense_params:
+        return CombinedOptimizer([sparse])
     dense_cls = _DENSE[cfg.dense]
     dense = KeyedOptimizerWrapper(
         dense_params,
@@ -103,10 +108,7 @@ def build_optimizer(sharded: nn.Module, cfg: OptimizerConfig, total_steps: int) 
     if cfg.grad_clip_norm > 0:
         dense = GradientClippingOptimizer(dense, clipping=GradientClipping.NORM, max_gradient=cfg.grad_clip_norm)
     return CombinedOptimizer(
-        [
-            ("sparse", ScheduledOptimizer(sharded.fused_optimizer, cfg, total_steps, lr=cfg.sparse_lr)),
-            ("dense", ScheduledOptimizer(dense, cfg, total_steps, lr=cfg.dense_lr)),
-        ]
+        [sparse, ("dense", ScheduledOptimizer(dense, cfg, total_steps, lr=cfg.dense_lr))]
     )
 
 

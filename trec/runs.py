@@ -24,13 +24,14 @@ from typing import Sequence
 
 from torch import nn
 
-from trec.checkpoint import TrainerState, checkpoint_for_inference, load_model_weights, read_trainer_state
-from trec.config import TrecConfig, config_to_dict, load_config
+from trec.checkpoint import (TrainerState, checkpoint_for_inference, latest_checkpoint, load_model_weights,
+                             read_trainer_state)
+from trec.config import TrecConfig, config_to_dict, save_config
 from trec.data import PreparedDataset
 from trec.distributed import DistContext, describe_plan, shard_model
 from trec.errors import TrecError
 from trec.io import atomic_write_json, read_json_object
-from trec.models import model_spec
+from trec.models import RetrieverRun, Retriever, load_config, model_spec, retriever_of
 from trec.optim import attach_sparse_optimizer
 
 logger = logging.getLogger("trec")
@@ -77,7 +78,7 @@ def build_sharded_task(cfg: TrecConfig, dataset: PreparedDataset, ctx: DistConte
     With ``train`` the fused sparse optimizer is attached before sharding, as FBGEMM applies it
     inside the backward pass.
     """
-    task = model_spec(cfg.model).build_task(cfg.model, dataset)
+    task = model_spec(cfg.model.name).build_task(cfg.model, cfg.model.section(), dataset)
     if train:
         attach_sparse_optimizer(task, cfg.optimizer)
     sharded = shard_model(task, cfg.sharding, ctx, batch_size=cfg.data.batch_size)
@@ -231,6 +232,47 @@ def finished_reason(state: TrainerState, total_steps: int) -> str | None:
     return None
 
 
+def resumable_state(state: TrainerState, checkpoint: Path, dataset: PreparedDataset, world_size: int) -> TrainerState:
+    """``state`` (of ``checkpoint``) ready to resume on ``dataset`` with ``world_size`` ranks; refuses
+    (one line) a checkpoint trained on another dataset."""
+    ours = dataset_fingerprint(dataset)
+    if state.dataset_fingerprint and state.dataset_fingerprint != ours:
+        raise TrecError(f"{checkpoint}: trained on a dataset with fingerprint {short(state.dataset_fingerprint)}, "
+                        f"but {dataset.path} has fingerprint {short(ours)}; resume on the dataset it was trained on, "
+                        "or train a new --run-dir")
+    state.dataset_fingerprint = ours  # a checkpoint from before fingerprints were recorded
+    if state.world_size != world_size:
+        # The split is re-partitioned across a different number of ranks: keep the epoch and
+        # the share of it already trained; the exact batch order cannot carry over.
+        state.batch_in_epoch = state.batch_in_epoch * state.world_size // world_size
+        logger.warning("resuming a %d-rank checkpoint on %d ranks: data order within the epoch changes",
+                       state.world_size, world_size)
+        state.world_size = world_size
+    return state
+
+
+def record_run(run: RunDir, cfg: TrecConfig, dataset: PreparedDataset, record: dict | None, step: int) -> dict:
+    """Write config.yaml, and run.json unless ``record`` (the run's) already binds ``dataset``; returns
+    the record. Rank 0 only, atomically, once the model is built and any checkpoint (at ``step``)
+    loaded: a start that fails before leaves the run's record as it was."""
+    save_config(cfg, run.config)
+    if record is None or record["dataset"]["fingerprint"] != dataset_fingerprint(dataset):
+        if record is None and step:
+            logger.warning("%s: binding this run (trained before run.json existed) to %s (fingerprint %s)",
+                           run.root, dataset.path, short(dataset_fingerprint(dataset)))
+        record = write_run_record(run, dataset, record)
+    return record
+
+
+def final_metrics(run: RunDir) -> dict | None:
+    """RUN/metrics.json if it holds the final evaluation of the run's newest checkpoint, else None."""
+    latest = latest_checkpoint(run.checkpoints)
+    if latest is None or not run.metrics.is_file():
+        return None
+    metrics = read_json_object(run.metrics)
+    return metrics if metrics.get("step") == read_trainer_state(latest).step else None
+
+
 @dataclass
 class TrainedRun:
     run: RunDir
@@ -315,9 +357,24 @@ def check_index_binding(index, loaded: TrainedRun) -> None:
     index.check_catalog(loaded.dataset.num_items, str(loaded.dataset.path))
 
 
-def two_tower_of(loaded: TrainedRun):
-    """The TwoTower model of a retrieval run, or a clear error for another kind of run."""
-    model = getattr(loaded.task, "model", None)
-    if model is None or not hasattr(model, "item_embeddings"):
-        raise TrecError(f"{loaded.run.root}: a two-tower run is needed (model.name is '{loaded.cfg.model.name}')")
-    return model
+def retriever_of_run(loaded: TrainedRun) -> Retriever:
+    """The :class:`~trec.models.Retriever` of a retrieval run, or one line for another kind of run."""
+    retriever = retriever_of(loaded.task)
+    if retriever is None:
+        raise TrecError(f"{loaded.run.root}: a retrieval run is needed (a model with a retriever: users and items "
+                        f"in one space); model.name is '{loaded.cfg.model.name}'")
+    return retriever
+
+
+def retriever_run(run_dir: Path, dataset: PreparedDataset, ctx: DistContext) -> RetrieverRun:
+    """Another trained retrieval run, checked to be trained on ``dataset``: what a model's setup hook
+    receives through :class:`~trec.models.SetupContext` (e.g. to mine hard negatives). Reads only
+    the run's config, run.json and checkpoint state; ``load()`` builds and loads the model (collective)."""
+    run = RunDir(Path(run_dir))
+    cfg = run_config(run.root)
+    checkpoint = checkpoint_for_inference(run.root)
+    check_run_dataset(run, dataset)
+    source = {"retrieval_run": str(run.root.resolve()),
+              "retrieval_checkpoint": f"{checkpoint.name}@{read_trainer_state(checkpoint).step}",
+              "dataset_fingerprint": dataset_fingerprint(dataset)}
+    return RetrieverRun(source, cfg.data, lambda: retriever_of_run(load_trained_run(run.root, ctx, dataset=dataset)))

@@ -46,9 +46,9 @@ class PlainEmbeddingBags(nn.Module):
 
 def baseline_task(cfg: TrecConfig, dataset, sparse: bool) -> nn.Module:
     """trec's two-tower task with its EBCs swapped for plain PyTorch embeddings."""
-    from trec.models.two_tower.model import build_two_tower_task
+    from trec.models.two_tower.model import RetrievalTask
 
-    task = build_two_tower_task(cfg.model, dataset)
+    task = RetrievalTask(cfg.model, cfg.model.two_tower, dataset)
     for tower in (task.model.user_tower, task.model.item_tower):
         tower.ebc = PlainEmbeddingBags(tower.ebc.embedding_bag_configs(), sparse)
     return task

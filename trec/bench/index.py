@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -239,7 +238,7 @@ def export_throughput(args: argparse.Namespace) -> dict | None:
     from trec.data import PreparedDataset
     from trec.distributed import distributed_session
     from trec.export.encode import write_part
-    from trec.trainer import build_sharded_task
+    from trec.runs import build_sharded_task
 
     dataset = PreparedDataset.open(synthetic_hashed_dataset(Path(args.cache), args.export_items, args.export_items))
     cfg = bench_config(4096, args.dim)
@@ -247,7 +246,7 @@ def export_throughput(args: argparse.Namespace) -> dict | None:
         model, task = build_sharded_task(cfg, dataset, ctx, train=False)
         model.eval()
         start = time.perf_counter()
-        written = write_part(Path(tmp), "items", task.model.item_embeddings, dataset, ctx,
+        written = write_part(Path(tmp), "items", task.retriever.encode_items, dataset, ctx,
                              cfg.data.eval_batch_size, cfg.data.history_max_len)
         seconds = time.perf_counter() - start
     return {"items": written, "batch_size": cfg.data.eval_batch_size, "seconds": round(seconds, 2),

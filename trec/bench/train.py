@@ -30,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from trec.config import IdMapping, PrepareConfig, TrecConfig, load_config
+from trec.config import IdMapping, PrepareConfig, TrecConfig
+from trec.models import load_config
 from trec.io import atomic_write_json
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synthetic_large_two_tower.yaml"
@@ -127,7 +128,7 @@ def trec_seconds_per_step(cfg: TrecConfig, dataset, ctx, batches, warmup: int) -
 
     from trec.distributed import barrier
     from trec.optim import build_optimizer
-    from trec.trainer import build_sharded_task
+    from trec.runs import build_sharded_task
 
     model, _ = build_sharded_task(cfg, dataset, ctx, train=True)
     optimizer = build_optimizer(model, cfg.optimizer, total_steps=len(batches))
@@ -220,7 +221,7 @@ def step_rate(dataset, batch_size: int, steps: int = 20, warmup: int = 3) -> flo
     with distributed_session(seed=0, log_level="WARNING") as ctx:
         from trec.models import model_spec
 
-        augment = getattr(model_spec(cfg.model).build_task(cfg.model, dataset), "augment", None)
+        augment = getattr(model_spec(cfg.model.name).build_task(cfg.model, cfg.model.section(), dataset), "augment", None)
         batches = prebuilt_batches(dataset, cfg, steps + warmup, 0, 1, augment)
         return 1.0 / trec_seconds_per_step(cfg, dataset, ctx, batches, warmup)
 

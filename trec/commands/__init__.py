@@ -71,8 +71,8 @@ def item_names(dataset) -> tuple[list[str], list[str]]:
 
 def print_popularity_fallback(dataset, user, k: int) -> None:
     """What `trec search` and `trec recommend` print for a user they cannot personalise
-    (``user``: a :class:`trec.two_stage.ServedUser` whose ``index`` is None)."""
-    from trec.two_stage import popular_items
+    (``user``: a :class:`trec.evaluation.served.ServedUser` whose ``index`` is None)."""
+    from trec.evaluation.served import popular_items
 
     popular = popular_items(dataset, k, user.seen)
     raw, titles = item_names(dataset)

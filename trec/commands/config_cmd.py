@@ -17,7 +17,8 @@ def register(subparsers) -> None:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from trec.config import config_to_yaml, load_config
+    from trec.config import config_to_yaml
+    from trec.models import load_config
 
     cfg = load_config(args.config, config_overrides(args))
     print(config_to_yaml(cfg), end="")

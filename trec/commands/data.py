@@ -97,7 +97,7 @@ def _dest(key: str) -> str:
 
 def _prepare_options(args: argparse.Namespace):
     """data.prepare from --config / --set, then the flags given on the command line."""
-    from trec.config import load_config
+    from trec.models import load_config
 
     overrides = config_overrides(args)
     for flag, key, _, _ in _OPTIONS:

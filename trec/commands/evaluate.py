@@ -37,9 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from trec.distributed import distributed_session
     from trec.errors import TrecError
     from trec.metrics import format_metrics, format_ranking_table
-    from trec.models import model_spec
-    from trec.runs import check_index_binding, load_trained_run, run_config, two_tower_of
-    from trec.trainer import excluded_splits
+    from trec.evaluation.protocol import excluded_splits
+    from trec.models import EvaluationRequest, model_spec
+    from trec.runs import check_index_binding, load_trained_run, retriever_of_run, run_config
 
     cfg = run_config(Path(args.run_dir), config_overrides(args))
     index = load_index(args) if args.index else None
@@ -48,12 +48,11 @@ def run(args: argparse.Namespace) -> int:
         if not loaded.dataset.has_split(args.split):
             raise TrecError(f"{cfg.data.path}: no '{args.split}' split")
         exclusions = excluded_splits(loaded.dataset, args.split)
-        extra = {}
         if index is not None:
-            two_tower_of(loaded)
+            retriever_of_run(loaded)
             check_index_binding(index, loaded)
-            extra["index"] = index
-        metrics = model_spec(cfg.model).evaluate(loaded.task, loaded.dataset, args.split, exclusions, cfg, ctx, **extra)
+        request = EvaluationRequest(args.split, exclusions, cfg.evaluation, cfg.data, cfg.training.seed, index)
+        metrics = model_spec(cfg.model.name).evaluate(loaded.task, loaded.dataset, request, ctx)
         if ctx.is_main:
             run = loaded.run
             run.merge_metrics(metrics | {"evaluated_checkpoint": str(loaded.checkpoint)}, split_prefix(args.split))
@@ -78,16 +77,16 @@ def run_two_stage(args: argparse.Namespace) -> int:
     from trec.errors import TrecError
     from trec.metrics import format_ranking_table
     from trec.runs import RunDir, run_config
-    from trec.two_stage import evaluate_two_stage_runs, index_candidates
+    from trec.two_stage import evaluate_two_stage_runs
 
-    make_generator = index_candidates(load_index(args)) if args.index else None
+    index = load_index(args) if args.index else None
     if args.candidates < 1:
         raise TrecError(f"--candidates: expected a positive number, got {args.candidates}")
     ranker_dir = RunDir(Path(args.ranker_run_dir))
     cfg = run_config(ranker_dir.root, config_overrides(args))
     with distributed_session(cfg.training.seed, cfg.training.device, cfg.logging.level) as ctx:
         metrics = evaluate_two_stage_runs(Path(args.run_dir), ranker_dir.root, ctx, args.split, args.candidates,
-                                          config_overrides(args), make_generator)
+                                          config_overrides(args), index)
         if args.index:
             metrics["two_stage/index"] = str(Path(args.index).resolve())
         if ctx.is_main:

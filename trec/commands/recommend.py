@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from trec.distributed import distributed_session
     from trec.errors import TrecError
     from trec.runs import check_run_dataset, run_config
-    from trec.two_stage import check_k, load_run, ranker_of, recommend_for_user, serve_user
+    from trec.evaluation.served import check_k, serve_user
+    from trec.two_stage import load_run, ranker_of, recommend_for_user
 
     if args.candidates < 1:
         raise TrecError(f"--candidates: expected a positive number, got {args.candidates}")

@@ -41,11 +41,11 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from trec.data import PreparedDataset
+    from trec.data import PreparedDataset, pair_key
     from trec.distributed import distributed_session
-    from trec.evaluation.retrieval import search_excluding
-    from trec.runs import check_index_binding, check_run_dataset, load_trained_run, run_config, two_tower_of
-    from trec.two_stage import check_k, serve_user
+    from trec.evaluation.served import check_k, serve_user
+    from trec.evaluation.topk import index_topk
+    from trec.runs import check_index_binding, check_run_dataset, load_trained_run, retriever_of_run, run_config
 
     index = load_index(args)
     check_k(args.k, index.num_vectors)
@@ -62,10 +62,10 @@ def run(args: argparse.Namespace) -> int:
         check_index_binding(index, loaded)
         batch = dataset.build_batch(np.array([user.index]), np.array([-1]), np.zeros(1, dtype=np.float32),
                                     history_max_len=loaded.cfg.data.history_max_len)
-        vector = two_tower_of(loaded).user_embeddings(batch.to(ctx.device)).detach().float().cpu()  # 1 X D
-        # Keys row * num_items + item of the one query row (row 0): the items themselves.
-        excluded = torch.as_tensor(user.seen) if len(user.seen) else None
-        items, scores = search_excluding(index, vector, excluded, args.k, dataset.num_items)
+        vector = retriever_of_run(loaded).encode_users(batch.to(ctx.device)).detach().float().cpu()  # 1 X D
+        # The seen items' keys in the one query row (row 0).
+        excluded = torch.as_tensor(pair_key(0, user.seen, dataset.num_items)) if len(user.seen) else None
+        items, scores = index_topk(index, dataset.num_items)(vector, excluded, args.k)
         rows = [(int(i), float(s)) for i, s in zip(items[0].tolist(), scores[0].tolist()) if i >= 0]
         print(f"user {args.user}: top {len(rows)} of {index.num_vectors:,} items ({index.index_kind}, "
               f"{describe_exclusions(user)})")

@@ -33,7 +33,7 @@ def register(subparsers) -> None:
 
 def resolve_config(args: argparse.Namespace, run_dir: Path):
     """--config (or the run's saved config.yaml) + overrides, with --data as data.path."""
-    from trec.config import load_config
+    from trec.models import load_config
     from trec.errors import TrecError
 
     source = args.config or (run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else None)

@@ -6,7 +6,7 @@
 2. Each rank encodes a disjoint slice of the evaluated users with the user tower (their whole
    training history as input), scores them against every item, removes the items the user
    already has in training (every training interaction, whatever its label: the user has seen
-   it), and takes the top K.
+   it), and takes the top K (:mod:`trec.evaluation.topk`: exact, popularity, or a FAISS index).
 3. Metrics are summed per rank and all-reduced (:class:`trec.metrics.RankingAccumulator`).
 Relevant items are the user's positive rows of the split (label >= data.positive_threshold);
 a user without one is not evaluated. The popularity baseline (items ranked by their count of
@@ -20,28 +20,15 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from trec.config import DataConfig, EvaluationConfig, Gain
-from trec.data import PreparedDataset, RecBatch, gather_ranges, iter_index_batches
-from trec.distributed import DistContext
-from trec.errors import TrecError
+from trec.data import Csr, PreparedDataset, RecBatch, iter_index_batches
+from trec.distributed import DistContext, dist_sum
+from trec.evaluation.protocol import check_cutoffs
+from trec.evaluation.topk import SCORE_CHUNK_ELEMENTS, exact_topk, exclusion_keys, index_topk, popularity_topk
 from trec.metrics import RankingAccumulator, graded_gain, ideal_gains, topk_gains, topk_hits
 
 logger = logging.getLogger("trec")
-
-# Scores of at most this many (user, item) pairs are materialised at once.
-SCORE_CHUNK_ELEMENTS = 1 << 25
-
-
-def csr_pairs(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The (row position, value) pairs of the CSR rows ``rows``, vectorised.
-
-    Returns (positions, values) where positions index into ``rows``.
-    """
-    starts = offsets[rows]
-    lengths = offsets[rows + 1] - starts
-    return np.repeat(np.arange(len(rows)), lengths), gather_ranges(values, starts, lengths)
 
 
 def entity_batches(
@@ -84,85 +71,27 @@ def encode_all_items(encode: Callable[[RecBatch], torch.Tensor], dataset, batch_
         table[rows] = vectors[torch.as_tensor(real, device=ctx.device)]
     if table is None:  # this rank had no batch at all (cannot happen with num_items > 0)
         raise RuntimeError("no item batches were encoded")
-    if dist.is_initialized() and ctx.world_size > 1:
-        dist.all_reduce(table)  # each row was filled by exactly one rank
-    return table
+    return dist_sum(table)  # each row was filled by exactly one rank
 
 
-def evaluated_users(dataset: PreparedDataset, split: str, max_users: int, seed: int) -> tuple[np.ndarray, tuple]:
-    """Users with at least one positive in ``split`` (optionally a seeded sample) and the CSR of
-    the split's positives (label >= the dataset's positive_threshold): the relevant items."""
-    offsets, items = dataset.user_items([split], positives=True)
-    users = np.flatnonzero(np.diff(offsets) > 0)
+def evaluated_users(dataset: PreparedDataset, split: str, max_users: int, seed: int) -> tuple[np.ndarray, Csr]:
+    """Users with at least one positive in ``split`` (optionally a seeded sample) and the user → items
+    Csr of the split's positives (label >= the dataset's positive_threshold): the relevant items."""
+    truth = dataset.user_items([split], positives=True)
+    users = np.flatnonzero(truth.lengths > 0)
     if 0 < max_users < len(users):
         users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
-    return users, (offsets, items)
+    return users, truth
 
 
-def _keys(positions: np.ndarray, values: np.ndarray, num_items: int, device) -> torch.Tensor:
-    return torch.as_tensor(np.sort(positions * num_items + values), device=device)
-
-
-def graded_truth(offsets: np.ndarray, labels: np.ndarray, rows: np.ndarray, k: int,
+def graded_truth(truth: Csr, labels: np.ndarray, rows: np.ndarray, k: int,
                   device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Graded gains ``2^label - 1`` of the relevant items of ``rows``: (P,) aligned with the sorted
-    keys of :func:`_keys` (the CSR's items are sorted per user) and U X k ideal gains."""
-    positions, row_labels = csr_pairs(offsets, labels, rows)
+    """Graded gains ``2^label - 1`` of the relevant items of ``rows`` (``labels`` aligned with
+    ``truth.values``): (P,) aligned with ``truth.keys(rows, ...)`` (the items are sorted per user)
+    and U X k ideal gains."""
+    positions, row_labels = Csr(truth.offsets, labels).pairs(rows)
     gains = graded_gain(torch.as_tensor(row_labels, device=device))
     return gains, ideal_gains(torch.as_tensor(positions, device=device), gains, len(rows), k)
-
-
-def score_topk(scores: torch.Tensor, exclude_keys: torch.Tensor | None, k: int) -> torch.Tensor:
-    """Top-k item indices per row of ``U X I`` scores after removing the excluded (row, item) keys;
-    -1 where fewer than k items remain (an excluded item is never listed, not even as a filler)."""
-    if exclude_keys is not None and exclude_keys.numel():
-        scores = scores.clone()
-        scores.view(-1)[exclude_keys] = -torch.inf
-    top = scores.topk(k, dim=1)
-    return top.indices.masked_fill(torch.isneginf(top.values), -1)
-
-
-# A ranker turns U X D user embeddings into U X k item indices (-1 where it has fewer than k),
-# never returning an excluded key ``row * num_items + item`` of those U rows.
-Ranker = Callable[[torch.Tensor, "torch.Tensor | None", int], torch.Tensor]
-
-
-def exact_ranker(item_table: torch.Tensor) -> Ranker:
-    """Brute-force inner product against the whole ``I X D`` catalog."""
-    return lambda users, excluded, k: score_topk(users @ item_table.T, excluded, k)
-
-
-def popularity_ranker(item_counts: torch.Tensor) -> Ranker:
-    """The baseline: items by (positive) training count, whoever the user is."""
-    return lambda users, excluded, k: score_topk(item_counts.expand(users.shape[0], -1), excluded, k)
-
-
-def search_excluding(index, queries: torch.Tensor, excluded: torch.Tensor | None, k: int,
-                     num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of a :class:`trec.export.ShardedIndex` for U X D queries, never an excluded key.
-
-    ``excluded`` holds sorted keys ``row * num_items + item``; the index is asked for k plus the
-    largest excluded count of a row, so k results remain after filtering.
-    Returns (U X k item indices, U X k scores), padded with -1 / -inf where fewer remain.
-    """
-    rows = torch.arange(queries.shape[0], device=queries.device)[:, None]
-    extra = int(torch.bincount(excluded // num_items).max().item()) if excluded is not None and excluded.numel() else 0
-    found = index.search(queries.float().cpu().numpy(), k + extra)
-    items = torch.as_tensor(found.item_indices, device=queries.device)
-    scores = torch.as_tensor(found.scores, device=queries.device)
-    dropped = items < 0
-    if extra:
-        dropped |= torch.isin(rows * num_items + items, excluded)
-    # A stable sort moves the kept results first, in the index's order.
-    order = torch.sort(dropped.to(torch.int8), dim=1, stable=True).indices[:, :k]
-    missing = torch.gather(dropped, 1, order)
-    return (torch.gather(items, 1, order).masked_fill(missing, -1),
-            torch.gather(scores, 1, order).masked_fill(missing, -torch.inf))
-
-
-def index_ranker(index, num_items: int) -> Ranker:
-    """Rank through a :class:`trec.export.ShardedIndex` instead of exact search."""
-    return lambda users, excluded, k: search_excluding(index, users, excluded, k, num_items)[0]
 
 
 class AnnRecall:
@@ -179,18 +108,8 @@ class AnnRecall:
         self.sums[-1] += approximate.shape[0]
 
     def compute(self) -> dict[str, float]:
-        sums = self.sums.clone()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(sums)
+        sums = dist_sum(self.sums.clone())
         return {f"ann_recall@{k}": (sums[i] / sums[-1].clamp_min(1)).item() for i, k in enumerate(self.ks)}
-
-
-def check_cutoffs(ks: Sequence[int], dataset: PreparedDataset) -> None:
-    """Refuse (one line) a top-K cut-off beyond the catalog: its metrics would silently be of fewer items."""
-    too_large = [k for k in ks if k > dataset.num_items]
-    if too_large:
-        raise TrecError(f"evaluation.ks: k={max(too_large)} exceeds the catalog of {dataset.num_items} items of "
-                        f"{dataset.path}; use cut-offs of at most {dataset.num_items}")
 
 
 @torch.no_grad()
@@ -221,17 +140,17 @@ def evaluate_retrieval(
     check_cutoffs(cfg.ks, dataset)
     num_items = dataset.num_items
     max_k = max(cfg.ks)
-    users, (truth_offsets, truth_items) = evaluated_users(dataset, split, cfg.max_users, seed)
-    truth_labels = dataset.user_positive_labels(split)[2] if cfg.gain == Gain.graded else None
+    users, truth = evaluated_users(dataset, split, cfg.max_users, seed)
+    truth_labels = dataset.user_positive_labels(split)[1] if cfg.gain == Gain.graded else None
     exclusions = dataset.user_items(list(exclude_splits)) if cfg.exclude_train and exclude_splits else None
-    rankers = {"": exact_ranker(item_table)}
+    sources = {"": exact_topk(item_table)}
     if cfg.popularity_baseline:
-        rankers["popularity/"] = popularity_ranker(torch.as_tensor(dataset.item_counts, dtype=torch.float32,
-                                                                   device=ctx.device))
+        sources["popularity/"] = popularity_topk(torch.as_tensor(dataset.item_counts, dtype=torch.float32,
+                                                                 device=ctx.device))
     if index is not None:
-        rankers["index/"] = index_ranker(index, num_items)
+        sources["index/"] = index_topk(index, num_items)
         ann = AnnRecall(cfg.ks, ctx.device)
-    accumulators = {prefix: RankingAccumulator(cfg.ks, num_items, ctx.device) for prefix in rankers}
+    accumulators = {prefix: RankingAccumulator(cfg.ks, num_items, ctx.device) for prefix in sources}
     for selected, batch in entity_batches(dataset, users, "user", data_cfg.eval_batch_size, ctx, data_cfg.history_max_len):
         real = selected >= 0
         embeddings = user_encoder(batch)[torch.as_tensor(real, device=ctx.device)]
@@ -240,21 +159,19 @@ def evaluate_retrieval(
         for start in range(0, len(batch_users), chunk):
             rows = batch_users[start : start + chunk]
             queries = embeddings[start : start + chunk]
-            relevant = _keys(*csr_pairs(truth_offsets, truth_items, rows), num_items, ctx.device)
-            num_relevant = torch.as_tensor(np.diff(truth_offsets)[rows], device=ctx.device)
+            relevant = torch.as_tensor(truth.keys(rows, num_items), device=ctx.device)
+            num_relevant = torch.as_tensor(truth.lengths[rows], device=ctx.device)
             graded = None
             if truth_labels is not None:
-                graded = graded_truth(truth_offsets, truth_labels, rows, max_k, ctx.device)
-            excluded = None
-            if exclusions is not None:
-                excluded = _keys(*csr_pairs(exclusions[0], exclusions[1], rows), num_items, ctx.device)
-            for prefix, ranker in rankers.items():
-                top = ranker(queries, excluded, max_k)
+                graded = graded_truth(truth, truth_labels, rows, max_k, ctx.device)
+            excluded = exclusion_keys(exclusions, rows, num_items, ctx.device)
+            for prefix, source in sources.items():
+                top = source(queries, excluded, max_k)[0]
                 gains = None if graded is None else topk_gains(top, relevant, graded[0], num_items)
                 accumulators[prefix].add(top, topk_hits(top, relevant, num_items), num_relevant, item_table,
                                          gains, None if graded is None else graded[1])
             if index is not None:
-                ann.add(rankers["index/"](queries, None, max_k), rankers[""](queries, None, max_k))
+                ann.add(sources["index/"](queries, None, max_k)[0], sources[""](queries, None, max_k)[0])
     metrics = {}
     for prefix, accumulator in accumulators.items():
         metrics.update({prefix + name: value for name, value in accumulator.compute().items()

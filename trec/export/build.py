@@ -29,7 +29,8 @@ from trec import __version__
 from trec.config import ExportConfig
 from trec.errors import TrecError
 from trec.export.backend import deserialize, faiss_version, serialize
-from trec.export.comm import all_succeeded, barrier, broadcast_bytes, group_rank_world
+from trec.distributed import barrier
+from trec.export.comm import all_succeeded, broadcast_bytes, group_rank_world
 from trec.export.kinds import IndexSpec, add_vectors, index_spec, train_template
 from trec.export.layout import EMBEDDINGS_DIR, IDS_FILE, INDEX_DIR, MANIFEST, shard_file
 from trec.export.manifest import read_manifest, write_manifest

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trec.distributed import barrier  # noqa: F401  (re-exported: the one barrier helper)
+from trec.distributed import collective_device, dist_max, group_size
 
 
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return group_size() > 1
 
 
 def group_rank_world() -> tuple[int, int]:
@@ -23,18 +23,11 @@ def group_rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 
-def _device() -> torch.device:
-    # nccl moves CUDA tensors only; gloo moves CPU tensors.
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def broadcast_bytes(data: bytes | None, src: int = 0) -> bytes:
     """Rank ``src``'s ``data`` on every rank (other ranks pass None)."""
     if not is_distributed():
         return data if data is not None else b""
-    device = _device()
+    device = collective_device()
     mine = dist.get_rank() == src
     size = torch.tensor([len(data) if mine else 0], dtype=torch.int64, device=device)
     dist.broadcast(size, src)
@@ -48,8 +41,4 @@ def broadcast_bytes(data: bytes | None, src: int = 0) -> bytes:
 
 def all_succeeded(ok: bool) -> bool:
     """True when every rank passes ``ok=True`` (so a failure on one rank stops all, without a hang)."""
-    if not is_distributed():
-        return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return not dist_max(not ok)  # no rank failed

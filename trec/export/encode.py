@@ -71,9 +71,9 @@ def write_part(directory: Path, kind: str, encode: Callable, dataset, ctx, batch
 
 def export_run(loaded, out: Path, ctx, users: bool = False, overwrite: bool = False) -> dict:
     """Export a trained two-tower run into ``out`` (collective); returns the manifest."""
-    from trec.runs import two_tower_of
+    from trec.runs import retriever_of_run
 
-    model = two_tower_of(loaded)
+    retriever = retriever_of_run(loaded)
     cfg = loaded.cfg
     source = {
         **loaded.binding(),  # run_id, run_dir, checkpoint_name, step, dataset_fingerprint: checked on every load
@@ -84,11 +84,11 @@ def export_run(loaded, out: Path, ctx, users: bool = False, overwrite: bool = Fa
     }
     with export_directory(out, overwrite=overwrite) as tmp:
         parts = tmp / EMBEDDINGS_DIR
-        write_part(parts, "items", model.item_embeddings, loaded.dataset, ctx, cfg.data.eval_batch_size,
+        write_part(parts, "items", retriever.encode_items, loaded.dataset, ctx, cfg.data.eval_batch_size,
                    cfg.data.history_max_len)
         if users:
-            write_part(parts, "users", model.user_embeddings, loaded.dataset, ctx, cfg.data.eval_batch_size,
+            write_part(parts, "users", retriever.encode_users, loaded.dataset, ctx, cfg.data.eval_batch_size,
                        cfg.data.history_max_len)
         device = "cuda" if ctx.device.type == "cuda" else "cpu"
-        return build_sharded_index(tmp, cfg.export, normalized=cfg.model.two_tower.normalize, source=source,
+        return build_sharded_index(tmp, cfg.export, normalized=retriever.normalized, source=source,
                                    device=device)

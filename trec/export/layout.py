@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Iterator
 
 from trec.errors import TrecError
-from trec.export.comm import barrier, broadcast_bytes, group_rank_world
+from trec.distributed import barrier
+from trec.export.comm import broadcast_bytes, group_rank_world
 from trec.io import atomic_directory, discard_interrupted
 
 MANIFEST = "manifest.json"

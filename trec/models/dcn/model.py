@@ -35,10 +35,14 @@ from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.modules.mlp import MLP
 
 from data_pipeline import layout as L
-from trec.config import CrossStructure, DCNConfig, Interaction, ModelConfig
-from trec.data import FeatureSpec, PreparedDataset, RecBatch, iter_index_batches, parquet_errors
+from trec.config import ModelConfig
+from trec.data import FeatureSpec, PreparedDataset, RecBatch, parquet_errors
 from trec.errors import TrecError
+from trec.evaluation.candidates import load_or_mine_hard_candidates
+from trec.evaluation.ranking import evaluate_ranking
+from trec.models.dcn.config import CrossStructure, DCNConfig, Interaction
 from trec.models.modules import check_table_overrides, embedding_bag_collection, embedding_tables
+from trec.models.spec import EvaluationRequest, SetupContext
 from trec.negatives import RankingNegativeSampler
 
 HARD_NEGATIVES_FILE = "hard_negatives.parquet"
@@ -203,13 +207,13 @@ class DCNRanker(nn.Module):
     ``heads``.
     """
 
-    def __init__(self, cfg: ModelConfig, dataset: PreparedDataset, rating_center: float | None = None) -> None:
+    def __init__(self, model: ModelConfig, dcn: DCNConfig, dataset: PreparedDataset,
+                 rating_center: float | None = None) -> None:
         super().__init__()
-        dcn = cfg.dcn
-        check_table_overrides(cfg, dataset.sparse_features)
+        check_table_overrides(model, dataset.sparse_features)
         if not dcn.dense_layers:
             raise TrecError("model.dcn.dense_layers: the bottom MLP needs at least one layer")
-        tables = embedding_tables(dataset.sparse_features, cfg)
+        tables = embedding_tables(dataset.sparse_features, model)
         self.sparse_arch = SparseArch(tables)
         # With no numeric feature the bottom MLP sees 0 columns and reduces to a learned constant.
         self.dense_arch = DenseArch(len(dataset.dense_features), list(dcn.dense_layers))
@@ -255,9 +259,9 @@ class RankingTask(nn.Module):
     over the rows of weight 1, the MSE over the positive rows only (negatives have no rating).
     """
 
-    def __init__(self, cfg: ModelConfig, dataset: PreparedDataset) -> None:
+    def __init__(self, model: ModelConfig, dcn: DCNConfig, dataset: PreparedDataset) -> None:
         super().__init__()
-        dcn = cfg.dcn
+        self.cfg = dcn
         if dcn.rating_weight > 0 and not dataset.has_rating:
             raise TrecError(f"model.dcn.rating_weight: {dataset.path} has no ratings; set it to 0")
         if not 0.0 <= dcn.hard_negative_ratio <= 1.0:
@@ -265,7 +269,7 @@ class RankingTask(nn.Module):
         if dcn.hard_negative_ratio > 0 and not dcn.hard_negatives_run:
             raise TrecError("model.dcn.hard_negative_ratio > 0 needs model.dcn.hard_negatives_run (a two-tower run directory)")
         self.rating_weight = dcn.rating_weight
-        self.model = DCNRanker(cfg, dataset, mean_train_rating(dataset) if dcn.rating_weight > 0 else None)
+        self.model = DCNRanker(model, dcn, dataset, mean_train_rating(dataset) if dcn.rating_weight > 0 else None)
         self.augment = RankingNegativeSampler(
             dataset.user_items(["train"]), dataset.num_items, dcn.negatives_per_positive, dcn.hard_negative_ratio,
             dataset.positive_threshold,
@@ -303,99 +307,32 @@ def mean_train_rating(dataset: PreparedDataset) -> float:
     return total / max(count, 1)
 
 
-def build_dcn_task(cfg: ModelConfig, dataset: PreparedDataset) -> RankingTask:
-    return RankingTask(cfg, dataset)
-
-
 # --------------------------------------------------------------------------------------------
 # set-up (hard negatives) and evaluation
 # --------------------------------------------------------------------------------------------
 
 
-def setup_dcn(task: RankingTask, cfg, dataset: PreparedDataset, ctx, run_dir: Path) -> None:
+def setup_dcn(task: RankingTask, context: SetupContext) -> None:
     """Give the sampler its hard candidates: from RUN/hard_negatives.parquet, or mined now.
 
     Collective: every rank calls it, after sharding and before the first batch is read.
     """
-    dcn = cfg.model.dcn
+    dcn = task.cfg
     if not dcn.hard_negatives_run or dcn.hard_negative_ratio <= 0:
         return
-    from trec.two_stage import load_or_mine_hard_candidates
-
-    offsets, items = load_or_mine_hard_candidates(
-        Path(run_dir) / HARD_NEGATIVES_FILE, Path(dcn.hard_negatives_run), dcn.hard_negatives_top_n,
-        dcn.hard_negatives_skip_top, dataset, ctx,
+    candidates = load_or_mine_hard_candidates(
+        Path(context.run_dir) / HARD_NEGATIVES_FILE, Path(dcn.hard_negatives_run), dcn.hard_negatives_top_n,
+        dcn.hard_negatives_skip_top, context.dataset, context.ctx, context.load_retriever,
     )
-    task.augment.set_hard_candidates(offsets, items)
+    task.augment.set_hard_candidates(candidates)
 
 
-def held_out_rows(dataset: PreparedDataset, split: str, cfg: DCNConfig,
-                  hard: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, ...]:
-    """(users, items, click labels, ratings) of the split's rows, then ``eval_negatives`` negatives
-    per positive row (positive-major order).
-
-    A row's click label is 1 when its label is >= the dataset's positive_threshold, else 0: a
-    held-out non-positive row is a negative beside the sampled ones.
-
-    Negatives avoid every item the user has in any split and come from one generator seeded by
-    ``eval_seed``: the rows are identical on every rank, for every world size and every model.
-    They are uniform over the catalog, or with ``hard`` (a user → items CSR) drawn from the
-    user's hard candidates; then only the positive rows are kept (``hard_auc`` ranks the
-    positives against their hard candidates, not against the held-out non-positive rows).
-    """
-    columns = [L.USER_ID, L.ITEM_ID, L.LABEL] + ([L.RATING] if dataset.has_rating else [])
-    table = dataset.read_split(split, columns)
-    users = table[L.USER_ID].to_numpy().astype(np.int64)
-    items = table[L.ITEM_ID].to_numpy().astype(np.int64)
-    labels = table[L.LABEL].to_numpy().astype(np.float32)
-    ratings = table[L.RATING].to_numpy().astype(np.float32) if dataset.has_rating else np.zeros(len(users), np.float32)
-    if hard is not None:
-        positive = labels >= dataset.positive_threshold
-        users, items, labels, ratings = users[positive], items[positive], labels[positive], ratings[positive]
-    known = dataset.user_items([s for s in L.SPLITS if dataset.has_split(s)])
-    sampler = RankingNegativeSampler(known, dataset.num_items, cfg.eval_negatives, 0.0 if hard is None else 1.0,
-                                     dataset.positive_threshold)
-    if hard is not None:
-        sampler.set_hard_candidates(*hard)
-    return sampler(users, items, labels, ratings, np.random.default_rng(cfg.eval_seed), pad=False)
-
-
-@torch.no_grad()
-def evaluate_dcn(task: RankingTask, dataset: PreparedDataset, split: str, exclude_splits, cfg, ctx) -> dict[str, float]:
-    """auc, logloss, ne, calibration (and rating_mse) on the split's rows (positives, and its
-    non-positive rows as negatives) and uniform negatives sampled per positive.
-
-    When the task has hard candidates (training with hard negatives), ``hard_auc`` is the AUC
-    of the same positives against negatives from their user's hard candidates: how well the
-    ranker orders the retriever's candidates. ``exclude_splits`` does not apply (negatives avoid
-    all of the user's items).
-    """
-    metrics = score_rows(task, dataset, held_out_rows(dataset, split, cfg.model.dcn), cfg.data, ctx)
-    hard = task.augment.hard_candidates
-    if hard is not None:
-        rows = held_out_rows(dataset, split, cfg.model.dcn, hard)
-        metrics["hard_auc"] = score_rows(task, dataset, rows, cfg.data, ctx)["auc"]
-    return metrics
-
-
-def score_rows(task: RankingTask, dataset: PreparedDataset, rows: tuple[np.ndarray, ...], data_cfg, ctx) -> dict[str, float]:
-    """:class:`~trec.metrics.ClickMetrics` of the ranker on labelled rows; each rank scores a
-    disjoint slice (collective)."""
-    from trec.metrics import ClickMetrics
-
-    users, items, labels, ratings = rows
-    per_rank = -(-len(users) // ctx.world_size)
-    metrics = ClickMetrics(ctx.world_size, ctx.rank, per_rank, task.model.heads.rating is not None, ctx.device)
-    for positions in iter_index_batches(len(users), data_cfg.eval_batch_size, ctx.rank, ctx.world_size):
-        real = positions >= 0
-        index = np.where(real, positions, 0)
-        batch = dataset.build_batch(np.where(real, users[index], -1), np.where(real, items[index], -1), labels[index],
-                                    ratings[index], history_max_len=data_cfg.history_max_len).to(ctx.device)
-        logits, predicted = task.model(batch)
-        keep = torch.as_tensor(real, device=ctx.device)
-        metrics.update(logits[keep], batch.labels[keep], None if predicted is None else predicted[keep],
-                       batch.ratings[keep])
-    return metrics.compute()
+def evaluate_dcn(task: RankingTask, dataset: PreparedDataset, request: EvaluationRequest, ctx) -> dict[str, float]:
+    """Click metrics of the ranker on the split (see :func:`trec.evaluation.ranking.evaluate_ranking`),
+    with ``hard_auc`` when the task has hard candidates (training with hard negatives)."""
+    dcn = task.cfg
+    return evaluate_ranking(task.model, task.model.heads.rating is not None, dataset, request.split, request.data, ctx,
+                            dcn.eval_negatives, dcn.eval_seed, task.augment.hard_candidates)
 
 
 def ranker_scorer(task: RankingTask, dataset: PreparedDataset, history_max_len: int, device: torch.device):

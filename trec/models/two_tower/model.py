@@ -18,10 +18,11 @@ from torch import nn
 from torchrec import KeyedJaggedTensor, KeyedTensor
 from torchrec.modules.mlp import MLP
 
-from trec.config import ModelConfig, NegativeStrategy, RetrievalLoss, TwoTowerConfig
+from trec.config import ModelConfig
 from trec.data import PreparedDataset, RecBatch
 from trec.losses import candidate_log_q, pointwise_bce_loss, sampled_softmax_loss
 from trec.models.modules import NumericArch, check_table_overrides, embedding_bag_collection, embedding_tables
+from trec.models.two_tower.config import NegativeStrategy, RetrievalLoss, RetrievalLossConfig, TwoTowerConfig
 from trec.negatives import ExtraItemSampler, popularity_distribution
 
 # Entities whose features feed each tower; context (per-interaction) features describe the query.
@@ -65,29 +66,32 @@ class Tower(nn.Module):
 
 
 class TwoTower(nn.Module):
-    """User and item towers; ``score = <user, item> / T`` (cosine / T when normalised)."""
+    """User and item towers; ``score = <user, item> / T`` (cosine / T when normalised).
 
-    def __init__(self, cfg: ModelConfig, dataset: PreparedDataset) -> None:
+    The :class:`~trec.models.spec.Retriever` of a two-tower run (``encode_users``, ``encode_items``).
+    """
+
+    def __init__(self, model: ModelConfig, cfg: TwoTowerConfig, dataset: PreparedDataset) -> None:
         super().__init__()
-        check_table_overrides(cfg, dataset.sparse_features)
-        self.user_tower = self._tower(cfg, dataset, USER_SIDE)
-        self.item_tower = self._tower(cfg, dataset, ITEM_SIDE)
-        self.normalize = cfg.two_tower.normalize
+        check_table_overrides(model, dataset.sparse_features)
+        self.user_tower = self._tower(model, cfg, dataset, USER_SIDE)
+        self.item_tower = self._tower(model, cfg, dataset, ITEM_SIDE)
+        self.normalized = cfg.normalize
 
     @staticmethod
-    def _tower(cfg: ModelConfig, dataset: PreparedDataset, entities: tuple[str, ...]) -> Tower:
+    def _tower(model: ModelConfig, cfg: TwoTowerConfig, dataset: PreparedDataset, entities: tuple[str, ...]) -> Tower:
         sparse = [f for f in dataset.sparse_features if f.entity in entities]
         numeric = [i for i, f in enumerate(dataset.dense_features) if f.entity in entities]
-        return Tower(embedding_tables(sparse, cfg), numeric, cfg.two_tower)
+        return Tower(embedding_tables(sparse, model), numeric, cfg)
 
     def finish(self, embedding: torch.Tensor) -> torch.Tensor:
-        return F.normalize(embedding, dim=-1) if self.normalize else embedding
+        return F.normalize(embedding, dim=-1) if self.normalized else embedding
 
-    def user_embeddings(self, batch: RecBatch, rows: int | None = None) -> torch.Tensor:
+    def encode_users(self, batch: RecBatch, rows: int | None = None) -> torch.Tensor:
         """``rows X D`` embeddings of the batch's users (all rows by default)."""
         return self.finish(self.user_tower(batch.sparse_features, batch.dense_features, rows))
 
-    def item_embeddings(self, batch: RecBatch) -> torch.Tensor:
+    def encode_items(self, batch: RecBatch) -> torch.Tensor:
         """``R X D`` embeddings of every row's item (positives, then extra candidates)."""
         return self.finish(self.item_tower(batch.sparse_features, batch.dense_features))
 
@@ -103,24 +107,27 @@ class RetrievalTask(nn.Module):
     its (graded) label, else 1.
     """
 
-    def __init__(self, cfg: ModelConfig, dataset: PreparedDataset) -> None:
+    def __init__(self, model: ModelConfig, cfg: TwoTowerConfig, dataset: PreparedDataset) -> None:
         super().__init__()
-        tt = cfg.two_tower
-        self.model = TwoTower(cfg, dataset)
-        self.loss_cfg = tt.loss
+        self.model = TwoTower(model, cfg, dataset)
+        self.loss_cfg = cfg.loss
         self.positive_threshold = dataset.positive_threshold
-        self.augment = ExtraItemSampler(tt.loss, dataset.item_counts)
+        self.augment = ExtraItemSampler(dataset.item_counts, extra_candidates(cfg.loss), popular_share(cfg.loss))
         self.register_buffer(
             "item_probability", torch.tensor(popularity_distribution(dataset.item_counts), dtype=torch.float32)
         )
         self.register_buffer(
             "extra_probability", torch.tensor(self.augment.probability, dtype=torch.float32)
         )
-        log_inverse_temperature = torch.tensor(math.log(1.0 / tt.temperature))
-        if tt.learn_temperature:
+        log_inverse_temperature = torch.tensor(math.log(1.0 / cfg.temperature))
+        if cfg.learn_temperature:
             self.log_inverse_temperature = nn.Parameter(log_inverse_temperature)
         else:
             self.register_buffer("log_inverse_temperature", log_inverse_temperature)
+
+    @property
+    def retriever(self) -> TwoTower:
+        return self.model
 
     @property
     def inverse_temperature(self) -> torch.Tensor:
@@ -167,22 +174,11 @@ class RetrievalTask(nn.Module):
         )
 
 
-def build_two_tower_task(cfg: ModelConfig, dataset: PreparedDataset) -> RetrievalTask:
-    return RetrievalTask(cfg, dataset)
+def extra_candidates(cfg: RetrievalLossConfig) -> int:
+    """Extra candidate items drawn per batch (none with ``negatives: none``)."""
+    return 0 if cfg.negatives == NegativeStrategy.none else cfg.num_negatives
 
 
-
-def evaluate_two_tower(task: RetrievalTask, dataset: PreparedDataset, split: str, exclude_splits, cfg, ctx,
-                       index=None) -> dict[str, float]:
-    """Full-catalog top-K retrieval metrics of the (unwrapped, sharded) task on ``split``.
-
-    With ``index`` (a trec.export.ShardedIndex of this run's items) the same users are also
-    ranked through the index (``index/...`` keys, and its ANN recall against exact search).
-    """
-    from trec.evaluation.retrieval import encode_all_items, evaluate_retrieval
-
-    items = encode_all_items(task.model.item_embeddings, dataset, cfg.data.eval_batch_size, ctx, cfg.data.history_max_len)
-    return evaluate_retrieval(
-        task.model.user_embeddings, items, dataset, split, exclude_splits, cfg.evaluation, cfg.data, ctx,
-        cfg.training.seed, index=index,
-    )
+def popular_share(cfg: RetrievalLossConfig) -> float:
+    """Share of the extra candidates drawn by popularity (the rest are uniform)."""
+    return {NegativeStrategy.popular: 1.0, NegativeStrategy.mixed: cfg.mix_popular}.get(cfg.negatives, 0.0)
