@@ -146,6 +146,7 @@ class ModelSpec:
 _BUILTIN = {
     "two_tower": "trec.models.two_tower",
     "dcn": "trec.models.dcn",
+    "mf": "trec.models.mf",
 }
 _registered: dict[str, ModelSpec] = {}
 
