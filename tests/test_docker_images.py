@@ -119,14 +119,15 @@ def test_every_version_comes_from_requirements(flavor):
 
 
 def test_test_tools_stay_out_of_the_images(flavor):
-    """The lock holds the runtime stack only; pytest and its helpers live in dev.txt, never installed here."""
+    """The lock holds the runtime stack only; pytest, import-linter and their helpers live in dev.txt, never
+    installed here."""
     runs = " ".join(rest for word, rest in _instructions(DOCKERFILES[flavor]) if word == "RUN")
     assert "requirements/dev.txt" not in runs
     dev = (REPO / "requirements" / "dev.txt").read_text().splitlines()
     dev_names = {PIN.match(line).group(1).lower() for line in dev if PIN.match(line)}
     lock = (REPO / "requirements" / "lock.txt").read_text().splitlines()
     locked_names = {PIN.match(line).group(1).lower() for line in lock if PIN.match(line)}
-    assert dev_names == {"pytest", "pluggy", "iniconfig"}
+    assert dev_names == {"pytest", "pluggy", "iniconfig", "import-linter", "grimp", "click"}  # + the layers check
     assert not dev_names & locked_names
     assert {"torch", "torchrec", "torchx", "tensorboard", "pyarrow"} <= locked_names
 

@@ -339,7 +339,8 @@ def shard_model(model: nn.Module, cfg: ShardingConfig, ctx: DistContext, batch_s
         topology=build_topology(cfg, ctx),
         batch_size=batch_size,
         storage_reservation=HeuristicalStorageReservation(
-            percentage=0.15, dense_tensor_estimate=dense_parameter_bytes(model)
+            # At least 1 byte: torchrec reads 0 (a model of tables only, e.g. mf) as "not given" and warns.
+            percentage=0.15, dense_tensor_estimate=max(dense_parameter_bytes(model), 1)
         ),
         constraints=build_constraints(cfg, embedding_table_names(model), ctx.device),
         debug=False,

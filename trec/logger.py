@@ -176,6 +176,11 @@ class TrainLogger:
         self.tb.scalars({**scalars, "samples_per_second": rate, "epoch": state.epoch}, state.step, "train/")
         self.tb.scalars(lrs, state.step, "lr/")
 
+    def stopped(self, signal: str, step: int, checkpoint: Path) -> None:
+        if self.is_main:
+            logger.warning("%s received: stopped at step %d of %d with checkpoint %s; run the same command to "
+                           "resume from it", signal, step, self.total_steps, checkpoint)
+
     def validation(self, metrics: dict[str, float], step: int) -> None:
         self.tb.scalars(metrics, step, "val/")
 

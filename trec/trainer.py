@@ -82,6 +82,7 @@ class Trainer:
         self.record = record  # RUN/run.json as it was when the trainer was built (None: not written yet)
         self.stopped_by: str | None = None  # the signal that stopped fit() early (a checkpoint was saved)
         self._saved_step: int | None = None
+        self._detached = False  # evaluate() detached the pipeline: re-attach before the next step
         self.log: TrainLogger | None = None
         self.pipeline = None
 
@@ -128,7 +129,7 @@ class Trainer:
             with self.log.progress(start):
                 while not stop and self.state.step < self.total_steps and not self.state.early_stopped:
                     try:
-                        outputs = self.pipeline.progress(batches)
+                        outputs = self._progress(batches)
                     except StopIteration:
                         break
                     self._advance()
@@ -139,10 +140,8 @@ class Trainer:
                 self._save(f"step-{self.state.step}")
             if not self.stopped_by and signals.agreed():  # during the last save: skip the final evaluation
                 self.stopped_by = signals.name
-        if self.stopped_by and self.ctx.is_main:
-            logger.warning("%s received: stopped at step %d of %d with checkpoint %s; run the same command to "
-                           "resume from it", self.stopped_by, self.state.step, self.total_steps,
-                           self.run.checkpoints / f"step-{self.state.step}")
+        if self.stopped_by:
+            self.log.stopped(self.stopped_by, self.state.step, self.run.checkpoints / f"step-{self.state.step}")
         return self.state
 
     def _batches(self) -> Iterator[RecBatch]:
@@ -159,6 +158,12 @@ class Trainer:
                 remaining -= 1
                 yield batch
             epoch, start = epoch + 1, 0
+
+    def _progress(self, batches: Iterator[RecBatch]) -> dict:
+        if self._detached:  # re-attach without redoing the in-flight batch's input dist (it breaks an EC's splits)
+            self.pipeline.attach(self.model, sparse_dist=False)
+            self._detached = False
+        return self.pipeline.progress(batches)
 
     def _advance(self) -> None:
         state = self.state
@@ -180,17 +185,15 @@ class Trainer:
 
     def evaluate(self, split: str, exclude_splits: list[str]) -> dict[str, float]:
         """Evaluate the current weights on ``split`` (collective: every rank must call it)."""
-        pipelined = self.pipeline is not None and hasattr(self.pipeline, "detach")
-        if pipelined:
-            self.pipeline.detach()  # restore the sharded modules' own forward for inference
+        if self.pipeline is not None and hasattr(self.pipeline, "detach"):
+            self.pipeline.detach()  # the sharded modules' own forward, for inference; _progress re-attaches
+            self._detached = True
         self.model.eval()
         try:
             request = EvaluationRequest(split, exclude_splits, self.cfg.evaluation, self.cfg.data, self.cfg.training.seed)
             return self.spec.evaluate(self.task, self.dataset, request, self.ctx)
         finally:
             self.model.train()
-            if pipelined:  # not redoing the in-flight batch's input dist: that breaks an EmbeddingCollection's splits
-                self.pipeline.attach(self.model, sparse_dist=False)
 
     def _validate(self) -> bool:
         metrics = self.evaluate(self.validation_split, ["train"])
@@ -245,10 +248,6 @@ class Trainer:
         barrier()
         return result
 
-    def close(self) -> None:
-        if self.log is not None:
-            self.log.close()
-
 
 @dataclass
 class TrainOutcome:
@@ -296,4 +295,5 @@ def _build_and_train(cfg: TrecConfig, run_dir: Path, ctx: DistContext, started: 
             return TrainOutcome("stopped", state.step, {}, trainer.stopped_by)
         return TrainOutcome("trained", state.step, trainer.final_evaluation(started))
     finally:
-        trainer.close()
+        if trainer.log is not None:
+            trainer.log.close()
