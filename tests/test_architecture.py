@@ -18,7 +18,7 @@ def test_layers_import_downward_only():
     lint = Path(sys.executable).parent / "lint-imports"
     proc = subprocess.run([str(lint), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "1 kept, 0 broken" in proc.stdout, proc.stdout[-2000:]
+    assert " 0 broken" in proc.stdout, proc.stdout[-2000:]
 
 
 @pytest.mark.parametrize("package", ["trec", "data_pipeline"])
