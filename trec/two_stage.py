@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,15 +29,12 @@ from trec.config import Gain
 from trec.data import PreparedDataset
 from trec.distributed import DistContext, dist_max
 from trec.errors import TrecError
-from trec.evaluation.candidates import CandidateGenerator, retrieve_candidates, user_batches
+from trec.evaluation.candidates import CandidateGenerator, Scorer, rerank, retrieve_candidates, user_batches
 from trec.evaluation.protocol import excluded_splits
 from trec.evaluation.retrieval import encode_all_items, evaluated_users, graded_truth
 from trec.evaluation.topk import exact_topk, index_topk
 from trec.metrics import RankingAccumulator, topk_gains, topk_hits
 from trec.runs import TrainedRun, check_index_binding, load_trained_run, retriever_of_run, run_config
-
-Scorer = Callable[[np.ndarray, np.ndarray], torch.Tensor]
-"""(users (M,), items (M,)) → (M,) ranker scores. Collective: M is the same on every rank."""
 
 # --------------------------------------------------------------------------------------------
 # loading runs
@@ -95,30 +92,6 @@ def retrieval_candidates(retriever: TrainedRun, dataset: PreparedDataset, exclud
     topk = exact_topk(items) if index is None else index_topk(index, dataset.num_items)
     exclusions = dataset.user_items(list(exclude_splits)) if exclude_splits else None
     return retrieve_candidates(encoders.encode_users, topk, exclusions, dataset.num_items), items
-
-
-def rerank(score: Scorer, users: np.ndarray, candidates: torch.Tensor, candidate_scores: torch.Tensor,
-           chunk_rows: int, retrieval_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidates of each row in the two-stage order: (R X n items, R X n two-stage scores).
-
-    The two-stage score is the ranker's plus ``retrieval_weight`` times the retrieval score.
-    Rows are scored in chunks of about ``chunk_rows`` (user, item) pairs; the chunk count
-    depends only on R and n, so every rank calls the (collective) scorer equally often.
-    Candidates with a -inf retrieval score (fillers) stay last.
-    """
-    rows, n = candidates.shape
-    flat_users = np.repeat(users, n)
-    flat_items = candidates.reshape(-1).cpu().numpy()
-    per_chunk = max(1, chunk_rows // max(n, 1)) * n
-    parts = [score(flat_users[start : start + per_chunk], flat_items[start : start + per_chunk])
-             for start in range(0, rows * n, per_chunk)]
-    scores = (torch.cat(parts).reshape(rows, n).float() if parts else torch.zeros(rows, n)).to(candidates.device)
-    filler = torch.isneginf(candidate_scores)
-    if retrieval_weight:
-        scores = scores + retrieval_weight * candidate_scores.masked_fill(filler, 0.0)
-    scores = scores.masked_fill(filler, -torch.inf)
-    order = scores.argsort(dim=1, descending=True, stable=True)
-    return candidates.gather(1, order), scores.gather(1, order)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ _MANIFEST_FIELDS = {
     "has_label": JsonField(bool, required=False),
     "history_max_len": JsonField(int, minimum=0, required=False),
     "source": JsonField(dict, required=False),
+    "serving": JsonField(bool, required=False),  # request-time tables (trec.data.tables): no split files
+    "positive_threshold": JsonField(float, required=False),  # theirs: what popularity.parquet counted
 }
 _FILE_FIELDS = {"bytes": JsonField(int, minimum=0), "sha256": JsonField(str),
                 "rows": JsonField(int, minimum=0, required=False)}

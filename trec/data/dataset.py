@@ -17,6 +17,7 @@ from data_pipeline import layout as L
 from trec.data.batch import FeatureSpec, RecBatch
 from trec.data.checks import check_finite, check_id_table, check_indices, parquet_errors, read_manifest
 from trec.data.csr import Csr, pair_key
+from trec.data.tables import SERVING, read_popularity
 from trec.errors import TrecError
 
 
@@ -278,7 +279,9 @@ class PreparedDataset:
         popularity, for logQ, popular negatives and the popularity baseline."""
         threshold = self.positive_threshold
         if threshold not in self._positive_counts:
-            if not self.has_label and threshold <= 1.0:
+            if self.manifest.get(SERVING):  # request-time tables: counted when they were written
+                counts = read_popularity(self.path, self.num_items)
+            elif not self.has_label and threshold <= 1.0:
                 counts = self.item_train_rows  # no label column: every row has label 1.0
             else:
                 counts = self._count_positive_items()

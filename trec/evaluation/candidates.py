@@ -39,6 +39,10 @@ best first; R X n scores; -1 / -inf where a user has fewer than n eligible items
 excluded splits never appear. Collective: every rank calls it once per batch, the same number of
 times."""
 
+Scorer = Callable[[np.ndarray, np.ndarray], torch.Tensor]
+"""(users (M,), items (M,)) → (M,) ranker scores. Collective: M is the same on every rank. (Serving passes
+request positions as ``users``: its scorer knows each position's features.)"""
+
 
 def user_batches(dataset: PreparedDataset, users: np.ndarray, data_cfg: DataConfig,
                  ctx: DistContext) -> Iterator[tuple[np.ndarray, RecBatch]]:
@@ -57,6 +61,30 @@ def retrieve_candidates(encode_users: Callable[[RecBatch], torch.Tensor], topk: 
         return topk(queries, exclusion_keys(exclusions, users, num_items, queries.device), n)
 
     return generate
+
+
+def rerank(score: Scorer, users: np.ndarray, candidates: torch.Tensor, candidate_scores: torch.Tensor,
+           chunk_rows: int, retrieval_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates of each row in the two-stage order: (R X n items, R X n two-stage scores).
+
+    The two-stage score is the ranker's plus ``retrieval_weight`` times the retrieval score.
+    Rows are scored in chunks of about ``chunk_rows`` (user, item) pairs; the chunk count
+    depends only on R and n, so every rank calls the (collective) scorer equally often.
+    Candidates with a -inf retrieval score (fillers) stay last.
+    """
+    rows, n = candidates.shape
+    flat_users = np.repeat(users, n)
+    flat_items = candidates.reshape(-1).cpu().numpy()
+    per_chunk = max(1, chunk_rows // max(n, 1)) * n
+    parts = [score(flat_users[start : start + per_chunk], flat_items[start : start + per_chunk])
+             for start in range(0, rows * n, per_chunk)]
+    scores = (torch.cat(parts).reshape(rows, n).float() if parts else torch.zeros(rows, n)).to(candidates.device)
+    filler = torch.isneginf(candidate_scores)
+    if retrieval_weight:
+        scores = scores + retrieval_weight * candidate_scores.masked_fill(filler, 0.0)
+    scores = scores.masked_fill(filler, -torch.inf)
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    return candidates.gather(1, order), scores.gather(1, order)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Tables stay model-parallel (every rank takes part in every lookup, through DMP) while the
 catalog is split data-parallel: rank r encodes a disjoint slice of the item indices and writes
 ``embeddings/items-part-r.parquet`` itself, so no table and no full embedding matrix is ever
-gathered on one rank. The parts then feed :func:`trec.export.build_sharded_index`.
+gathered on one rank. The parts then feed :func:`trec.export.build_sharded_index`. Every
+rank also loads the unsharded weights for the servable bundle, which rank 0 writes
+(:func:`trec.export.bundle.write_bundle`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tqdm import tqdm
 from trec import __version__
 from trec.errors import TrecError
 from trec.export.build import build_sharded_index
+from trec.export.bundle import BUNDLE_DIR, binding_of, write_bundle
 from trec.export.layout import EMBEDDINGS_DIR, export_directory
 from trec.export.parts import EmbeddingPartWriter, part_path
 
@@ -69,8 +72,26 @@ def write_part(directory: Path, kind: str, encode: Callable, dataset, ctx, batch
     return written
 
 
-def export_run(loaded, out: Path, ctx, users: bool = False, overwrite: bool = False) -> dict:
-    """Export a trained two-tower run into ``out`` (collective); returns the manifest."""
+def bundled_run(run_dir: Path, dataset) -> tuple:
+    """A trained run to put in the bundle: (its config, inference checkpoint, binding), refused (one line)
+    when it was trained on another dataset than ``dataset`` (the retriever's)."""
+    from trec.checkpoint import checkpoint_for_inference
+    from trec.runs import RunDir, check_run_dataset, dataset_fingerprint, run_config
+
+    run = RunDir(Path(run_dir))
+    cfg = run_config(run.root)
+    record = check_run_dataset(run, dataset)
+    checkpoint = checkpoint_for_inference(run.root)
+    run_id = record["run_id"] if record else None
+    return cfg, checkpoint, binding_of(run.root, checkpoint, str(cfg.model.name), dataset_fingerprint(dataset), run_id)
+
+
+def export_run(loaded, out: Path, ctx, users: bool = False, overwrite: bool = False, ranker: tuple | None = None) -> dict:
+    """Export a trained two-tower run into ``out`` (collective); returns the manifest.
+
+    ``out/bundle/`` gets the servable bundle (:mod:`trec.export.bundle`) with ``ranker``, a
+    :func:`bundled_run`, if given; the export's checksums cover its files too.
+    """
     from trec.runs import retriever_of_run
 
     retriever = retriever_of_run(loaded)
@@ -89,6 +110,11 @@ def export_run(loaded, out: Path, ctx, users: bool = False, overwrite: bool = Fa
         if users:
             write_part(parts, "users", retriever.encode_users, loaded.dataset, ctx, cfg.data.eval_batch_size,
                        cfg.data.history_max_len)
+        binding = {**loaded.binding(), "model": str(cfg.model.name)}
+        bundle = write_bundle(tmp, loaded.dataset, (cfg, loaded.checkpoint, binding), ranker, ctx.is_main)
+        if bundle is not None:
+            source["bundle"] = {"path": BUNDLE_DIR, "version": bundle["version"],
+                                "ranker_run_dir": ranker[2]["run_dir"] if ranker else None}
         device = "cuda" if ctx.device.type == "cuda" else "cpu"
         return build_sharded_index(tmp, cfg.export, normalized=retriever.normalized, source=source,
                                    device=device)
