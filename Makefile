@@ -55,7 +55,8 @@ test-fast: setup
 
 # The main job end to end on MovieLens 100K (or, where that is absent, a synthetic dataset of the
 # same size): prepare → 2-rank sharded training (torchx) → 2-rank FAISS export → evaluation
-# through the index → one user's recommendations. Re-running resumes/reuses what exists.
+# through the index → one user's recommendations → `trec serve` started briefly on a free port for one
+# /recommend answer. Re-running resumes/reuses what exists.
 QS_DATA := $(QS)/data/$(if $(wildcard $(ML100K)/u.data),ml100k,synthetic)
 QS_RUN := $(QS)/runs/two_tower
 QS_EXPORT := $(QS)/exports/two_tower
@@ -67,6 +68,7 @@ quickstart: setup $(QS_DATA)/manifest.json
 	  --run-dir $(QS_RUN) --out $(QS_EXPORT) --overwrite --set export.index=ivf_flat
 	$(BIN)/trec evaluate --run-dir $(QS_RUN) --index $(QS_EXPORT) --nprobe 8
 	$(BIN)/trec search --index $(QS_EXPORT) --run-dir $(QS_RUN) --user 1 -k 10
+	$(BIN)/python -m trec.serving.demo $(QS_EXPORT) 1
 
 $(QS)/data/ml100k/manifest.json:
 	$(BIN)/trec data prepare movielens --source $(ML100K) --out $(QS)/data/ml100k \

@@ -8,6 +8,7 @@ and a .dockerignore that keeps environments, data and runs out of the build cont
 from __future__ import annotations
 
 import fnmatch
+import importlib.metadata
 import json
 import re
 import shlex
@@ -15,6 +16,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILES = {"cpu": REPO / "docker" / "Dockerfile", "cuda": REPO / "docker" / "Dockerfile.cuda"}
@@ -127,9 +130,56 @@ def test_test_tools_stay_out_of_the_images(flavor):
     dev_names = {PIN.match(line).group(1).lower() for line in dev if PIN.match(line)}
     lock = (REPO / "requirements" / "lock.txt").read_text().splitlines()
     locked_names = {PIN.match(line).group(1).lower() for line in lock if PIN.match(line)}
-    assert dev_names == {"pytest", "pluggy", "iniconfig", "import-linter", "grimp", "click"}  # + the layers check
+    assert dev_names == {"pytest", "pluggy", "iniconfig", "import-linter", "grimp"}  # + the layers check
     assert not dev_names & locked_names
     assert {"torch", "torchrec", "torchx", "tensorboard", "pyarrow"} <= locked_names
+
+
+def _pins(*names: str) -> dict[str, str]:
+    """Normalized name -> version of the ``==`` pins in the given requirements/ files."""
+    pins = {}
+    for name in names:
+        for line in (REPO / "requirements" / name).read_text().splitlines():
+            match = PIN.match(line.strip())
+            if match:
+                pins[canonicalize_name(match.group(1))] = match.group(2)
+    return pins
+
+
+def test_the_lock_is_complete():
+    """The images and `make setup` install the lock with --no-deps, so nothing resolves a missing
+    dependency: every runtime requirement of every locked package (read from the installed metadata,
+    this interpreter's markers, no extras) must be pinned too, at a version it accepts."""
+    pins = _pins("lock.txt", "cpu.txt", "gpu.txt")  # torchrec's fbgemm-gpu: cpu.txt or gpu.txt
+    checked, missing = 0, []
+    for name in _pins("lock.txt"):
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not in this environment (another accelerator's build)
+        checked += 1
+        for text in requires:
+            requirement = Requirement(text)
+            if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+                continue
+            version = pins.get(canonicalize_name(requirement.name))
+            if version is None or not requirement.specifier.contains(version, prereleases=True):
+                missing.append(f"{name} needs {requirement}; requirements/ pin {version}")
+    assert checked >= 50
+    assert not missing, missing
+
+
+def test_cpu_image_can_serve():
+    """`trec serve` runs from the CPU image: its stack is in the lock (the `serve` extra names it) and
+    the image exposes the port k8s/base/serving.yaml probes."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    locked = _pins("lock.txt")
+    serve = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
+    names = {canonicalize_name(Requirement(r).name) for r in serve}
+    assert names == {"fastapi", "uvicorn", "prometheus-client"}
+    assert names | {"starlette", "click", "h11", "anyio", "pydantic"} <= set(locked)
+    final = _stages(DOCKERFILES["cpu"])[-1]
+    assert ("EXPOSE", "8000") in final
 
 
 def test_runs_as_non_root_with_trec_as_entrypoint(flavor):

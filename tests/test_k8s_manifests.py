@@ -125,7 +125,7 @@ def test_every_pod_has_resources_and_a_restricted_security_context():
                     # A read-only root needs a writable /tmp (Python, TensorBoard, torch caches).
                     tmp = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
                     assert tmp and tmp[0]["name"] in tmp_volumes, f"{c}: /tmp must be an emptyDir"
-    assert pods >= 3  # TensorBoard, data loader, export Job
+    assert pods >= 4  # TensorBoard, data loader, export Job, trec serve
 
 
 # --- what is in the base -------------------------------------------------------------------------
@@ -142,6 +142,10 @@ def test_base_has_every_piece_the_issue_asks_for():
     assert ("apps/v1", "Deployment", "trec-tensorboard") in kinds
     assert ("v1", "Service", "trec-tensorboard") in kinds
     assert ("batch/v1", "Job", "trec-export") in kinds
+    assert ("apps/v1", "Deployment", "trec-serve") in kinds
+    assert ("v1", "Service", "trec-serve") in kinds
+    assert ("autoscaling/v2", "HorizontalPodAutoscaler", "trec-serve") in kinds
+    assert ("networking.k8s.io/v1", "NetworkPolicy", "trec-serve") in kinds
 
 
 def test_service_account_has_least_privilege():
@@ -163,7 +167,8 @@ def test_service_account_has_least_privilege():
         ("batch.volcano.sh", "jobs", "*", "delete"), ("batch.volcano.sh", "jobs/status", "*", "get"),
         ("", "pods/log", "*", "get"), ("", "pods", "*", "get"), ("", "pods", "*", "list"),
         ("", "pods", "*", "watch"),
-        ("", "services", "trec-tensorboard", "get"), ("", "pods/portforward", "*", "create"),
+        ("", "services", "trec-tensorboard", "get"), ("", "services", "trec-serve", "get"),
+        ("", "pods/portforward", "*", "create"),
         ("", "pods/exec", "*", "create"),
         ("apps", "deployments", "trec-data-loader", "get"), ("apps", "deployments/scale", "trec-data-loader", "patch"),
         ("batch", "jobs", "*", "create"), ("batch", "jobs", "trec-export", "get"),
@@ -260,6 +265,155 @@ def test_export_job_template_exports_a_run_into_the_exports_volume():
     assert pod["restartPolicy"] == "Never"
 
 
+# --- online serving (trec serve) ------------------------------------------------------------------
+
+SERVE = "trec-serve"
+
+
+def _serve_container(resources: list[dict]) -> tuple[dict, dict, dict]:
+    deployment = _find(resources, "Deployment", SERVE)
+    (pod,) = pod_specs(deployment)
+    (container,) = pod["containers"]
+    return deployment, pod, container
+
+
+def _pod_matches(selector: dict, deployment: dict) -> bool:
+    return selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_serving_deployment_serves_an_export_read_only(rendered):
+    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+        deployment, pod, container = _serve_container(resources)
+        assert container["image"] == CPU_IMAGE, name  # serving needs no GPU, in any overlay
+        env = {e["name"]: e["value"] for e in container["env"]}
+        args = " ".join(container["args"]).replace("$(TREC_EXPORT_DIR)", env["TREC_EXPORT_DIR"])
+        match = re.fullmatch(r"serve /exports/[\w.-]+ --host 0\.0\.0\.0 --port 8000 "
+                             r"--workers (\d+) --threads (\d+)", args)
+        assert match, f"{name}: {args}"
+        # In a pod the CPU limit is a quota the process cannot see: threads are set, within the limit.
+        workers, threads = map(int, match.groups())
+        assert 1 <= workers * threads <= float(container["resources"]["limits"]["cpu"]), name
+        assert env["HOME"] == "/tmp"  # a read-only root: torch and Python caches go to the emptyDir
+        claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        # The volume the export Job writes, and nothing else, read-only both on the claim and the mount.
+        assert claims == {mounts["/exports"]["name"]: {"claimName": "trec-exports", "readOnly": True}}, name
+        assert mounts["/exports"]["readOnly"] is True, name
+        assert set(mounts) == {"/exports", "/tmp"}, name
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= \
+            deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_serving_args_parse_with_trec_serve():
+    """The container's command line is one `trec serve` accepts (a renamed flag fails here, not in a pod)."""
+    from trec.cli import build_parser
+
+    _, _, container = _serve_container(build(K8S / "base"))
+    env = {e["name"]: e["value"] for e in container["env"]}
+    args = build_parser().parse_args([a.replace("$(TREC_EXPORT_DIR)", env["TREC_EXPORT_DIR"])
+                                      for a in container["args"]])
+    assert (args.command, args.bundle, args.host, args.port) == ("serve", env["TREC_EXPORT_DIR"], "0.0.0.0", 8000)
+    assert args.workers * args.threads <= float(container["resources"]["limits"]["cpu"])
+
+
+def test_serving_probes_ask_ready_and_health_on_the_named_port(rendered):
+    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+        _, _, container = _serve_container(resources)
+        assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}], name
+        probes = {kind: container[kind] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+        paths = {kind: (probe["httpGet"]["path"], probe["httpGet"]["port"]) for kind, probe in probes.items()}
+        assert paths == {"startupProbe": ("/ready", "http"), "readinessProbe": ("/ready", "http"),
+                         "livenessProbe": ("/health", "http")}, name
+        # Loading and warming the bundle gets its own budget; liveness only starts after it.
+        startup = probes["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, name
+        assert "initialDelaySeconds" not in probes["livenessProbe"], name
+
+
+def test_serving_pod_is_restricted_with_guaranteed_resources(rendered):
+    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+        _, pod, container = _serve_container(resources)
+        sc = {**pod["securityContext"], **container["securityContext"]}
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] == TREC_UID, name
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, name
+        assert sc["capabilities"] == {"drop": ["ALL"]}, name
+        assert not sc.get("privileged"), name
+        assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == "trec-runner", name
+        (tmp,) = [m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+        assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == tmp), name
+        requested = container["resources"]
+        assert requested["requests"] == requested["limits"], name  # Guaranteed QoS: steady latency
+        assert {"cpu", "memory"} <= set(requested["requests"]), name
+
+
+def test_serving_service_selects_the_deployment_pods_on_port_8000(rendered):
+    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+        deployment, _, container = _serve_container(resources)
+        service = _find(resources, "Service", SERVE)
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", name
+        assert _pod_matches(service["spec"]["selector"], deployment), name
+        assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"], name
+        (port,) = service["spec"]["ports"]
+        assert port == {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}, name
+        assert port["targetPort"] in {p["name"] for p in container["ports"]}, name
+        # Nothing else in the namespace selects these pods by accident.
+        others = [r for r in resources if r["kind"] == "Service" and r["metadata"]["name"] != SERVE]
+        assert not [s for s in others if _pod_matches(s["spec"]["selector"], deployment)], name
+
+
+def test_serving_autoscales_on_cpu_and_survives_drains(rendered):
+    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+        deployment, _, container = _serve_container(resources)
+        hpa = _find(resources, "HorizontalPodAutoscaler", SERVE)
+        assert hpa["apiVersion"] == "autoscaling/v2", name
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": SERVE}, name
+        assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"], name
+        (metric,) = hpa["spec"]["metrics"]
+        assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu", name
+        target = metric["resource"]["target"]
+        assert target["type"] == "Utilization" and 0 < target["averageUtilization"] <= 100, name
+        assert "cpu" in container["resources"]["requests"], name  # Utilization is measured against it
+        assert hpa["spec"]["minReplicas"] <= deployment["spec"]["replicas"] <= hpa["spec"]["maxReplicas"], name
+        assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0, name
+        pdb = _find(resources, "PodDisruptionBudget", SERVE)
+        assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"], name
+        assert pdb["spec"]["maxUnavailable"] == 1, name
+
+
+def test_serving_port_is_open_to_the_namespace_only_and_scraped_at_metrics():
+    base = build(K8S / "base")
+    deployment, _, container = _serve_container(base)
+    service = _find(base, "Service", SERVE)
+    policy = _find(base, "NetworkPolicy", SERVE)["spec"]
+    assert policy["podSelector"] == {"matchLabels": service["spec"]["selector"]}
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    assert rule["from"] == [{"podSelector": {}}]  # this namespace only (no namespaceSelector, no ipBlock)
+    assert rule["ports"] == [{"protocol": "TCP", "port": "http"}]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    port = next(p for p in container["ports"] if p["name"] == "http")
+    assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(port["containerPort"]),
+                           "prometheus.io/path": "/metrics"}
+
+
+def test_readme_shows_what_the_serving_deployment_runs():
+    section = (REPO / "README.md").read_text().split("## Run on Kubernetes", 1)[1].split("\n## ", 1)[0]
+    _, _, container = _serve_container(build(K8S / "base"))
+    env = {e["name"]: e["value"] for e in container["env"]}
+    command = " ".join(["trec", *container["args"]]).replace("$(TREC_EXPORT_DIR)", env["TREC_EXPORT_DIR"])
+    assert command in " ".join(section.split()), command
+    service = _find(build(K8S / "base"), "Service", SERVE)
+    port = service["spec"]["ports"][0]["port"]
+    assert f"kubectl -n trec port-forward svc/{SERVE} {port}:{port}" in section
+
+
+def test_serving_port_matches_the_image():
+    exposed = re.findall(r"^EXPOSE\s+(\d+)", (REPO / "docker" / "Dockerfile").read_text(), flags=re.M)
+    _, _, container = _serve_container(build(K8S / "base"))
+    assert [str(p["containerPort"]) for p in container["ports"]] == exposed
+
+
 # --- overlays -------------------------------------------------------------------------------------
 
 
@@ -348,11 +502,11 @@ def test_builtin_kinds_have_only_known_fields(rendered):
     checked = 0
     for name, resources in rendered.items():
         for resource in resources:
-            model = f"V1{resource['kind']}"
+            model = f"{resource['apiVersion'].rsplit('/', 1)[-1].capitalize()}{resource['kind']}"  # V2Horizontal...
             if resource["kind"] == "Queue":
                 assert set(resource["spec"]) <= {"weight", "reclaimable", "capability", "guarantee", "deserved"}
                 continue
-            assert hasattr(models, model), f"{name}: no v1 model for {resource['kind']}"
+            assert hasattr(models, model), f"{name}: no {model} model for {resource['kind']}"
             typed = api._ApiClient__deserialize(resource, model)  # the client's own response decoder
             round_trip = api.sanitize_for_serialization(typed)
             assert _scalars_as_str(round_trip) == _scalars_as_str(resource), f"{name}: {resource['kind']}/" \

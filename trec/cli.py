@@ -31,6 +31,7 @@ _COMMAND_MODULES = (
     "export",
     "search",
     "recommend",
+    "serve",
     "bench",
 )
 

@@ -1,0 +1,259 @@
+"""`trec serve` as a real server process on a free loopback port, over a real bundle (a tiny synthetic
+dataset, a short two-tower run and a short DCN run, exported with a flat index): /recommend equals
+`trec search`, filters hold, each cold-start route, concurrent answers equal sequential ones, bad
+requests get 422 naming the field, /metrics parses and counts, and a tampered bundle is refused."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from training import REPO, TINY, child_env, run_command, trec_command
+
+from trec.serving.recommender import Recommender
+
+TT_CONFIG, DCN_CONFIG = "configs/movielens_two_tower.yaml", "configs/movielens_dcn.yaml"
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    data, tt, dcn, out = root / "data", root / "tt", root / "dcn", root / "export"
+    run_command(trec_command(1, "data", "prepare", "synthetic", "--out", data, "--users", "200", "--items", "120",
+                             "--interactions", "6000", "--val-fraction", "0.1", "--quiet"))
+    for config, run_dir, steps in ((TT_CONFIG, tt, 12), (DCN_CONFIG, dcn, 6)):
+        run_command(trec_command(1, "train", "--config", config, "--data", data, "--run-dir", run_dir,
+                                 f"training.max_steps={steps}", *TINY))
+    run_command(trec_command(1, "export", "--run-dir", tt, "--out", out, "--ranker-run-dir", dcn,
+                             "--set", "export.index=flat"))
+    return {"export": out, "tt": tt, "root": root}
+
+
+class Server:
+    """A `trec serve` process on a port the OS picked (--port 0), up once it printed its line."""
+
+    def __init__(self, export, *flags: str) -> None:
+        command = [sys.executable, "-m", "trec", "serve", str(export), "--port", "0", "--threads", "1", *flags]
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=child_env(), cwd=REPO)
+        line = self.proc.stdout.readline()  # blocks until the server is ready (or gone)
+        match = re.fullmatch(r"serving (\S+) on http://127\.0\.0\.1:(\d+)\n", line)
+        if match is None:
+            self.stop()
+            raise AssertionError(f"no serving line: {line!r}\n{self.proc.stderr.read()[-4000:]}")
+        self.port = int(match.group(2))
+
+    def request(self, method: str, path: str, body: object = None, raw: bytes | None = None) -> tuple[int, object]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            payload = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+            connection.request(method, path, payload, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            text = response.read().decode()
+            kind = response.getheader("Content-Type", "")
+            return response.status, json.loads(text) if kind.startswith("application/json") else text
+        finally:
+            connection.close()
+
+    def recommend(self, **body) -> dict:
+        status, answer = self.request("POST", "/recommend", body)
+        assert status == 200, answer
+        return answer
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(export):
+    running = Server(export["export"])
+    yield running
+    running.stop()
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it: -15 is a clean exit here.
+    assert running.proc.returncode in (0, -15), running.proc.stderr.read()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def rec(export) -> Recommender:
+    return Recommender.load(export["export"])
+
+
+def ids(answer: dict) -> list[str]:
+    return [item["item_id"] for item in answer["items"]]
+
+
+def search_output(export, user: str, k: int) -> list[str]:
+    """The raw item IDs `trec search` prints for ``user``, in its order."""
+    out = run_command(trec_command(1, "search", "--index", export["export"], "--run-dir", export["tt"],
+                                   "--user", user, "-k", str(k))).stdout
+    ranked = [words[1] for words in map(str.split, out.splitlines()) if words and words[0].rstrip(".").isdigit()]
+    assert len(ranked) == k, out
+    return ranked
+
+
+def test_recommend_equals_trec_search(server, export, rec):
+    users = [str(raw) for raw in rec.tables.id_labels("user_id")[: rec.tables.num_users]]
+    for user in (users[0], users[57]):
+        answer = server.recommend(user_id=user, k=10)
+        assert (answer["route"], answer["source"], answer["model_version"]) == ("known", "two_tower", rec.version)
+        assert ids(answer) == search_output(export, user, 10)
+        assert [item["rank"] for item in answer["items"]] == list(range(1, 11))
+    status, model = server.request("GET", "/model")
+    assert status == 200 and model["version"] == rec.version and model["ranker"]["model"] == "dcn"
+    status, similar = server.request("GET", f"/similar-items/{rec.item_labels[3]}?k=4")
+    assert status == 200 and ids(similar) == [i.item_id for i in rec.similar_items(rec.item_labels[3], 4)]
+    assert server.request("GET", "/health")[0] == 200 and server.request("GET", "/ready")[0] == 200
+    assert server.request("GET", "/docs")[0] == 200
+    assert "/recommend" in server.request("GET", "/openapi.json")[1]["paths"]
+
+
+def test_filters_are_never_violated(server, rec):
+    rng = np.random.default_rng(1)
+    users = [str(raw) for raw in rec.tables.id_labels("user_id")[:40]] + ["nobody"]
+    for user in users:
+        name = str(rng.choice(["item_cat_1", "item_tags_2"]))
+        labels = [label for label in rec.tables.id_labels(name) if label]
+        filters = {name: [str(v) for v in rng.choice(labels, size=2, replace=False)]}
+        answer = server.recommend(user_id=user, k=15, filters=filters)
+        allowed = rec.filters.allowed(filters)
+        got = [rec.items.known(item) for item in ids(answer)]
+        assert got and all(allowed[item] for item in got), (user, filters)
+
+
+def test_each_cold_start_route(server, rec):
+    items = rec.item_labels
+    known = server.recommend(user_id=str(rec.tables.id_labels("user_id")[1]), k=5)
+    assert known["route"] == "known"
+    cold = server.recommend(user_id="new-user", k=10, history=[items[3], items[40], "not-an-item"])
+    assert (cold["route"], cold["source"], cold["unknown_history"]) == ("cold_features", "two_tower", 1)
+    assert not {items[3], items[40]} & set(ids(cold))
+    featured = server.recommend(user_id="new-user", k=5, user_features={"user_cat_0": "never-seen"})
+    assert featured["route"] == "cold_features" and len(featured["items"]) == 5
+    popular = server.recommend(user_id="new-user", k=5)
+    assert (popular["route"], popular["source"]) == ("popularity", "popularity")
+    assert [item["score"] for item in popular["items"]][0] == rec.popularity.max()
+    reranked = server.recommend(user_id="new-user", k=5, history=[items[7]], rerank=True, candidates=20)
+    assert (reranked["route"], reranked["source"]) == ("cold_features", "two_stage")
+
+
+def test_concurrent_requests_answer_as_sequential_ones(server, rec):
+    users = [str(raw) for raw in rec.tables.id_labels("user_id")[:64]]
+    bodies = [{"user_id": user, "k": 10, "rerank": n % 3 == 0} for n, user in enumerate(users)]
+    bodies += [{"user_id": "new", "history": [rec.item_labels[n]], "k": 5} for n in range(16)]
+    bodies.append({"user_id": "x", "k": 0})  # a bad request inside the batches fails alone
+    sequential = [server.request("POST", "/recommend", body) for body in bodies]
+    with ThreadPoolExecutor(32) as pool:
+        concurrent = list(pool.map(lambda body: server.request("POST", "/recommend", body), bodies))
+    assert [status for status, _ in concurrent] == [200] * (len(bodies) - 1) + [422]
+    for (status, alone), (_, together) in zip(sequential, concurrent):
+        if status == 200:
+            assert ids(alone) == ids(together)
+            assert np.allclose([i["score"] for i in alone["items"]], [i["score"] for i in together["items"]],
+                               atol=1e-5)
+    assert _metric(server, "trec_batch_size", "trec_batch_size_count") < len(bodies) * 2  # some batches held several
+
+
+BAD = [
+    ({"user_id": "1", "k": 0}, "k"),
+    ({"user_id": "1", "k": 100000}, "k"),
+    ({"user_id": "1", "k": "ten"}, "k"),
+    ({"k": 3}, "user_id"),
+    ({"user_id": ["1"]}, "user_id"),
+    ({"user_id": "1", "filters": {"no_such_feature": ["a"]}}, "filters.no_such_feature"),
+    ({"user_id": "1", "filters": {"item_cat_1": ["no-such-value"]}}, "filters.item_cat_1"),
+    ({"user_id": "1", "filters": {"item_cat_1": "not-a-list"}}, "filters.item_cat_1"),
+    ({"user_id": "1", "history": [{"a": 1}]}, "history[0]"),
+    ({"user_id": "1", "exclude_seen": "yes"}, "exclude_seen"),
+    ({"user_id": "1", "user_features": {"age": 3}}, "user_features.age"),
+    ({"user_id": "1", "context": {"device": "phone"}}, "context.device"),
+    ({"user_id": "1", "candidates": -1, "rerank": True}, "candidates"),
+    ({"user_id": "1", "typo": 1}, "typo"),
+]
+
+
+def test_bad_requests_get_422_naming_the_field(server):
+    for body, field in BAD:
+        status, answer = server.request("POST", "/recommend", body)
+        assert status == 422 and answer["field"].startswith(field), (body, answer)
+        assert answer["message"].startswith(answer["field"])
+    for raw in (b'{"user_id": "1",', b"[1, 2]", b"", b"\xff\xfe"):
+        status, answer = server.request("POST", "/recommend", raw=raw)
+        assert status == 422 and answer["field"] == "body", (raw, answer)
+    assert server.request("GET", "/similar-items/no-such-item?k=3")[1]["field"] == "item_id"
+    assert server.request("GET", "/similar-items/1?k=-2")[1]["field"] == "k"
+    assert server.request("GET", "/similar-items/1?k=x")[1]["field"] == "k"
+    assert server.recommend(user_id="1", k=3)["items"]  # still serving
+    assert server.proc.poll() is None
+
+
+def _metric(server: Server, family: str, sample: str, **labels: str) -> float:
+    status, text = server.request("GET", "/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    return sum(s.value for s in families[family].samples
+               if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_metrics_parse_and_count_the_requests(server, rec):
+    def recommends(source: str) -> float:
+        return _metric(server, "trec_requests", "trec_requests_total", endpoint="/recommend", source=source,
+                       status="200")
+
+    before = recommends("two_tower"), recommends("popularity")
+    for _ in range(3):
+        server.recommend(user_id=str(rec.tables.id_labels("user_id")[2]), k=4)
+    server.recommend(user_id="nobody", k=4)
+    assert (recommends("two_tower"), recommends("popularity")) == (before[0] + 3, before[1] + 1)
+    assert _metric(server, "trec_request_seconds", "trec_request_seconds_count", endpoint="/recommend") >= 4
+    assert _metric(server, "trec_index_search_seconds", "trec_index_search_seconds_count") >= 3
+    assert _metric(server, "trec_model_info", "trec_model_info", version=rec.version, ranker="dcn") == 1
+
+
+def test_workers_and_one_at_a_time(export, rec):
+    """--workers 2 (uvicorn processes, each loading the bundle) and --max-batch 1 give the same answers."""
+    running = Server(export["export"], "--workers", "2", "--max-batch", "1")
+    try:
+        user = str(rec.tables.id_labels("user_id")[5])
+        expected = [item.item_id for item in rec.recommend(_request(user)).items]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: running.recommend(user_id=user, k=10), range(16)))
+        assert all(ids(answer) == expected for answer in answers)
+    finally:
+        running.stop()
+    assert running.proc.returncode in (0, -15), running.proc.stderr.read()[-4000:]
+
+
+def _request(user: str):
+    from trec.serving.requests import RecommendRequest
+
+    return RecommendRequest(user, k=10)
+
+
+def test_a_tampered_bundle_is_refused_in_one_line(export):
+    tampered = export["root"] / "tampered"
+    shutil.copytree(export["export"], tampered)
+    with open(tampered / "bundle" / "tables" / "popularity.parquet", "ab") as handle:
+        handle.write(b"\0")
+    started = time.monotonic()
+    proc = run_command(trec_command(1, "serve", tampered, "--port", "0"), check=False, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "popularity.parquet" in lines[0] and "checksum" in lines[0], proc.stderr
+    assert time.monotonic() - started < 60
+    missing = run_command(trec_command(1, "serve", export["root"] / "nowhere"), check=False, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.count("error:") == 1, missing.stderr

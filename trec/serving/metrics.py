@@ -1,0 +1,84 @@
+"""Prometheus metrics of a serving process (prometheus-client), exposed at ``GET /metrics``.
+
+    trec_requests_total{endpoint, source, status}        requests answered
+    trec_request_seconds{endpoint, source}               latency, from the request's arrival to its answer
+    trec_batch_size                                      requests per micro-batch (one recommend_many call)
+    trec_batch_seconds                                   time of a micro-batch in the worker thread
+    trec_index_search_seconds                            time of one FAISS search (every shard, one call)
+    trec_model_info{version, retriever, ranker, index}   1, labelled with the bundle's provenance
+
+``endpoint`` is the route's path template (``/similar-items/{item_id}``; ``other`` for an unknown
+path); ``source`` is the response's source (two_tower, two_stage, popularity) or ``none``. Each
+app owns its registry, so two apps in one process (tests) do not collide; with ``--workers N``
+every worker process reports its own counts (the scraper sums them).
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (.001, .0025, .005, .0075, .01, .015, .02, .03, .05, .075, .1, .15, .25, .5, 1.0, 2.5, 5.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServingMetrics:
+    """The metrics above, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("trec_requests", "Requests answered", ["endpoint", "source", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("trec_request_seconds", "Request latency (arrival to answer)",
+                                 ["endpoint", "source"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram("trec_batch_size", "Requests per micro-batch", buckets=_BATCH_BUCKETS,
+                                    registry=self.registry)
+        self.batch_seconds = Histogram("trec_batch_seconds", "Micro-batch compute time (worker thread)",
+                                       buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.index_search = Histogram("trec_index_search_seconds", "FAISS search time per call",
+                                      buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.model_info = Gauge("trec_model_info", "The served bundle (value 1)",
+                                ["version", "retriever", "ranker", "index"], registry=self.registry)
+
+    def set_model(self, version: str, retriever: str, ranker: str, index: str) -> None:
+        self.model_info.labels(version, retriever, ranker, index).set(1)
+
+    def observe_request(self, endpoint: str, source: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, source, str(status)).inc()
+        self.latency.labels(endpoint, source).observe(seconds)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class TimedIndex:
+    """A :class:`~trec.export.search.ShardedIndex` whose ``search`` calls are timed into
+    ``trec_index_search_seconds``; everything else is the index's own."""
+
+    def __init__(self, index, metrics: ServingMetrics) -> None:
+        self._index = index
+        self._histogram = metrics.index_search
+
+    def search(self, queries, k: int):
+        started = time.perf_counter()
+        try:
+            return self._index.search(queries, k)
+        finally:
+            self._histogram.observe(time.perf_counter() - started)
+
+    def __getattr__(self, name: str):
+        return getattr(self._index, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._index, name, value)  # index.nprobe = 32 reaches the index
