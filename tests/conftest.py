@@ -70,3 +70,23 @@ def resumed_run(tmp_path_factory, ml100k_prepared):
     interrupted_at = kill_after_checkpoint(train_command(run_dir, ml100k_prepared), run_dir)
     resumed = run_command(train_command(run_dir, ml100k_prepared))
     return run_dir, interrupted_at, resumed.stderr
+
+
+@pytest.fixture(scope="session")
+def serving_export(tmp_path_factory) -> dict:
+    """One real bundle for the serving tests (made once per session): a tiny synthetic dataset, a short
+    two-tower run and a short DCN run, exported with a flat index and the DCN as ranker. Tests only read
+    it (copy it to change it)."""
+    from training import TINY, run_command, trec_command
+
+    root = tmp_path_factory.mktemp("serving")
+    data, tt, dcn, out = root / "data", root / "tt", root / "dcn", root / "export"
+    run_command(trec_command(1, "data", "prepare", "synthetic", "--out", data, "--users", "200", "--items", "120",
+                             "--interactions", "6000", "--val-fraction", "0.1", "--quiet"))
+    runs = (("configs/movielens_two_tower.yaml", tt, 12), ("configs/movielens_dcn.yaml", dcn, 6))
+    for config, run_dir, steps in runs:
+        run_command(trec_command(1, "train", "--config", config, "--data", data, "--run-dir", run_dir,
+                                 f"training.max_steps={steps}", *TINY))
+    run_command(trec_command(1, "export", "--run-dir", tt, "--out", out, "--ranker-run-dir", dcn,
+                             "--set", "export.index=flat"))
+    return {"export": out, "tt": tt, "root": root}

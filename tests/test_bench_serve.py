@@ -5,12 +5,11 @@ very short real run against `trec serve` over a tiny bundle."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 from collections import Counter
 
 import pytest
-from training import TINY, run_command, trec_command
+from training import run_command, trec_command
 
 from trec.bench.loadgen import drive, drive_async, histogram_means
 from trec.bench.serve import BATCHED, SINGLE, add_speedups, judge, parse_levels
@@ -144,16 +143,11 @@ def test_histogram_means_speedups_and_targets():
         parse_levels("1,0")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trec.commands.serve") is None, reason="trec serve is not built yet")
-def test_a_short_real_run_writes_its_json(tmp_path):
-    data, run_dir, export, out = tmp_path / "data", tmp_path / "tt", tmp_path / "export", tmp_path / "bench.json"
-    run_command(trec_command(1, "data", "prepare", "synthetic", "--out", data, "--users", "60", "--items", "40",
-                             "--interactions", "1500", "--quiet"))
-    run_command(trec_command(1, "train", "--config", "configs/movielens_two_tower.yaml", "--data", data,
-                             "--run-dir", run_dir, "training.max_steps=3", *TINY))
-    run_command(trec_command(1, "export", "--run-dir", run_dir, "--out", export, "--set", "export.index=flat"))
-    proc = run_command(trec_command(1, "bench", "serve", "--bundle", export, "--concurrency", "1,4", "--seconds",
-                                    "0.5", "--warmup", "0.2", "--users", "20", "--candidates", "20", "--threads", "1", "--json", out))
+def test_a_short_real_run_writes_its_json(serving_export, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_command(trec_command(1, "bench", "serve", "--bundle", serving_export["export"], "--no-rerank",
+                                    "--concurrency", "1,4", "--seconds", "0.5", "--warmup", "0.2", "--users", "20",
+                                    "--threads", "1", "--json", out))
     report = json.loads(out.read_text())
     assert [(r["mode"], r["concurrency"]) for r in report["rows"]] == [
         (SINGLE, 1), (SINGLE, 4), (BATCHED, 1), (BATCHED, 4)]

@@ -7,27 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from training import TINY, run_command, trec_command
+from training import run_command, trec_command
 
 from trec.serving.filters import RowQuery, fetch_size
 from trec.serving.recommender import Recommender, Settings
 from trec.serving.requests import RecommendRequest, RequestError
 
-TT_CONFIG, DCN_CONFIG = "configs/movielens_two_tower.yaml", "configs/movielens_dcn.yaml"
-
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recommender")
-    data, tt, dcn, out = root / "data", root / "tt", root / "dcn", root / "export"
-    run_command(trec_command(1, "data", "prepare", "synthetic", "--out", data, "--users", "200", "--items", "120",
-                             "--interactions", "6000", "--val-fraction", "0.1", "--quiet"))
-    for config, run_dir, steps in ((TT_CONFIG, tt, 12), (DCN_CONFIG, dcn, 6)):
-        run_command(trec_command(1, "train", "--config", config, "--data", data, "--run-dir", run_dir,
-                                 f"training.max_steps={steps}", *TINY))
-    run_command(trec_command(1, "export", "--run-dir", tt, "--out", out, "--ranker-run-dir", dcn,
-                             "--set", "export.index=flat"))
-    return {"export": out, "tt": tt}
+def export(serving_export):
+    return serving_export  # tests/conftest.py: one bundle for the serving tests
 
 
 @pytest.fixture(scope="module")

@@ -17,25 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from training import REPO, TINY, child_env, run_command, trec_command
+from training import REPO, child_env, run_command, trec_command
 
 from trec.serving.recommender import Recommender
 
-TT_CONFIG, DCN_CONFIG = "configs/movielens_two_tower.yaml", "configs/movielens_dcn.yaml"
-
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving")
-    data, tt, dcn, out = root / "data", root / "tt", root / "dcn", root / "export"
-    run_command(trec_command(1, "data", "prepare", "synthetic", "--out", data, "--users", "200", "--items", "120",
-                             "--interactions", "6000", "--val-fraction", "0.1", "--quiet"))
-    for config, run_dir, steps in ((TT_CONFIG, tt, 12), (DCN_CONFIG, dcn, 6)):
-        run_command(trec_command(1, "train", "--config", config, "--data", data, "--run-dir", run_dir,
-                                 f"training.max_steps={steps}", *TINY))
-    run_command(trec_command(1, "export", "--run-dir", tt, "--out", out, "--ranker-run-dir", dcn,
-                             "--set", "export.index=flat"))
-    return {"export": out, "tt": tt, "root": root}
+def export(serving_export):
+    return serving_export  # tests/conftest.py: one bundle for the serving tests
 
 
 class Server:
@@ -225,14 +214,28 @@ def test_metrics_parse_and_count_the_requests(server, rec):
 
 
 def test_workers_and_one_at_a_time(export, rec):
-    """--workers 2 (uvicorn processes, each loading the bundle) and --max-batch 1 give the same answers."""
-    running = Server(export["export"], "--workers", "2", "--max-batch", "1")
+    """--workers 2 (uvicorn processes, each loading the bundle) and --max-batch 1 give the same answers, and
+    one scrape of /metrics counts the requests of both workers (multiprocess mode), not those of one. The
+    cold-start threshold reaches the workers: with --min-history 2 one known history item is not enough."""
+    running = Server(export["export"], "--workers", "2", "--max-batch", "1", "--min-history", "2")
     try:
+        items = rec.item_labels
+        assert running.recommend(user_id="new-user", k=5, history=[items[3]])["route"] == "popularity"
+        assert running.recommend(user_id="new-user", k=5, history=[items[3], items[4]])["route"] == "cold_features"
         user = str(rec.tables.id_labels("user_id")[5])
         expected = [item.item_id for item in rec.recommend(_request(user)).items]
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda _: running.recommend(user_id=user, k=10), range(16)))
         assert all(ids(answer) == expected for answer in answers)
+        pids: set[int] = set()
+        for _ in range(200):  # the kernel hands each new connection to either worker
+            pids.add(running.request("GET", "/model")[1]["serving"]["pid"])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2, pids  # both workers answer, so each scrape below reaches one of them
+        for _ in range(3):  # whichever worker answers the scrape
+            assert _metric(running, "trec_requests", "trec_requests_total", endpoint="/recommend") == 18
+        assert _metric(running, "trec_model_info", "trec_model_info", version=rec.version) == 1
     finally:
         running.stop()
     assert running.proc.returncode in (0, -15), running.proc.stderr.read()[-4000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -33,6 +34,10 @@ def register(subparsers) -> None:
                         help="how long a batch's first request waits for others (default 2)")
     parser.add_argument("--threads", type=int,
                         help="torch and FAISS (OpenMP) threads per worker (default: cores // workers)")
+    parser.add_argument("--max-k", type=int, default=1000, help="largest k a request may ask for (default 1000)")
+    parser.add_argument("--min-history", type=int, default=1,
+                        help="known history items that route an unknown user through the tower (cold start; "
+                             "fewer, and no user features: popularity; default 1)")
     parser.set_defaults(func=run)
 
 
@@ -43,20 +48,26 @@ def run(args: argparse.Namespace) -> int:
     # worker processes inherit the variables.
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = str(threads)
+    metrics_dir = None
+    if args.workers > 1:  # before prometheus-client is imported (here and in the workers): /metrics sums the workers
+        metrics_dir = tempfile.mkdtemp(prefix="trec-serve-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     import torch
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
-    from trec.serving.app import (ENV_BUNDLE, ENV_MAX_BATCH, ENV_MAX_WAIT, ENV_READY_DIR, ENV_THREADS, ENV_VERIFY,
-                                  ServeOptions, create_app)
+    from trec.serving.app import (ENV_BUNDLE, ENV_MAX_BATCH, ENV_MAX_K, ENV_MAX_WAIT, ENV_MIN_HISTORY, ENV_READY_DIR,
+                                  ENV_THREADS, ENV_VERIFY, ServeOptions, create_app)
     from trec.serving.bundle import Bundle
-    from trec.serving.recommender import Recommender
+    from trec.serving.recommender import Recommender, Settings
 
     torch.set_num_threads(threads)
-    options = ServeOptions(args.max_batch, args.max_wait_ms, threads)
+    settings = Settings(max_k=args.max_k, min_history=args.min_history)
+    options = ServeOptions(args.max_batch, args.max_wait_ms, threads, settings)
     quiet = {"log_level": "warning", "access_log": False, "timeout_graceful_shutdown": 5}
     if args.workers == 1:
-        recommender = Recommender.load(args.bundle)  # a bad bundle is one TrecError line, before the port is bound
+        # A bad bundle is one TrecError line, before the port is bound.
+        recommender = Recommender.load(args.bundle, settings)
         sock = _bind(args.host, args.port)
         server = uvicorn.Server(uvicorn.Config(create_app(recommender, options=options), **quiet))
         _announce(args.bundle, sock, 1, None)
@@ -67,15 +78,20 @@ def run(args: argparse.Namespace) -> int:
     ready_dir = tempfile.mkdtemp(prefix="trec-serve-")
     os.environ.update({ENV_BUNDLE: str(Path(args.bundle).resolve()), ENV_MAX_BATCH: str(args.max_batch),
                        ENV_MAX_WAIT: str(args.max_wait_ms), ENV_THREADS: str(threads), ENV_VERIFY: "0",
-                       ENV_READY_DIR: ready_dir})
+                       ENV_READY_DIR: ready_dir, ENV_MAX_K: str(args.max_k), ENV_MIN_HISTORY: str(args.min_history)})
     config = uvicorn.Config("trec.serving.app:app_from_env", factory=True, workers=args.workers, **quiet)
     _announce(args.bundle, sock, args.workers, ready_dir)
-    Multiprocess(config, sockets=[sock]).run()
+    try:
+        Multiprocess(config, sockets=[sock]).run()
+    finally:
+        for directory in (ready_dir, metrics_dir):
+            shutil.rmtree(directory, ignore_errors=True)
     return 0
 
 
 def _check_args(args: argparse.Namespace) -> None:
     for name, value, least in (("--workers", args.workers, 1), ("--max-batch", args.max_batch, 1),
+                               ("--max-k", args.max_k, 1), ("--min-history", args.min_history, 0),
                                ("--port", args.port, 0), ("--threads", args.threads or 1, 1)):
         if value < least:
             raise TrecError(f"trec serve: {name} must be >= {least}, got {value}")

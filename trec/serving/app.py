@@ -29,7 +29,7 @@ import os
 import re
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
@@ -39,13 +39,14 @@ from pydantic import BaseModel, ConfigDict
 
 from trec.serving.batcher import MicroBatcher
 from trec.serving.metrics import CONTENT_TYPE, ServingMetrics, TimedIndex
-from trec.serving.recommender import Recommender
+from trec.serving.recommender import Recommender, Settings
 from trec.serving.requests import RecommendRequest, RequestError
 
 log = logging.getLogger("trec.serving")
 
 ENV_BUNDLE, ENV_MAX_BATCH, ENV_MAX_WAIT = "TREC_SERVE_BUNDLE", "TREC_SERVE_MAX_BATCH", "TREC_SERVE_MAX_WAIT_MS"
 ENV_THREADS, ENV_READY_DIR, ENV_VERIFY = "TREC_SERVE_THREADS", "TREC_SERVE_READY_DIR", "TREC_SERVE_VERIFY"
+ENV_MAX_K, ENV_MIN_HISTORY = "TREC_SERVE_MAX_K", "TREC_SERVE_MIN_HISTORY"
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class ServeOptions:
     """How long the first request of a batch waits for others."""
     threads: int | None = None
     """torch threads of the worker thread (None: torch's default)."""
+    settings: Settings = field(default_factory=Settings)
+    """The recommender's limits and cold-start thresholds (used when the app loads the bundle itself)."""
 
 
 # ----------------------------------------------------------------------------------- schema
@@ -139,7 +142,7 @@ class _State:
 
     async def load(self, path: str, verify: bool) -> None:
         try:
-            recommender = await asyncio.to_thread(Recommender.load, path, verify=verify)
+            recommender = await asyncio.to_thread(Recommender.load, path, self.options.settings, verify=verify)
             await self.start(recommender)
         except Exception as error:  # noqa: BLE001 - reported by /health and /ready
             self.failure = f"{type(error).__name__}: {error}"
@@ -185,7 +188,10 @@ def app_from_env() -> FastAPI:
         import torch
 
         torch.set_num_threads(threads)
-    options = ServeOptions(int(os.environ.get(ENV_MAX_BATCH, "64")), float(os.environ.get(ENV_MAX_WAIT, "2")), threads)
+    settings = Settings(max_k=int(os.environ.get(ENV_MAX_K, Settings.max_k)),
+                        min_history=int(os.environ.get(ENV_MIN_HISTORY, Settings.min_history)))
+    options = ServeOptions(int(os.environ.get(ENV_MAX_BATCH, "64")), float(os.environ.get(ENV_MAX_WAIT, "2")), threads,
+                           settings)
     return create_app(bundle=os.environ[ENV_BUNDLE], options=options, verify=os.environ.get(ENV_VERIFY, "1") == "1")
 
 

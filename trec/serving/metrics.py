@@ -9,21 +9,26 @@
 
 ``endpoint`` is the route's path template (``/similar-items/{item_id}``; ``other`` for an unknown
 path); ``source`` is the response's source (two_tower, two_stage, popularity) or ``none``. Each
-app owns its registry, so two apps in one process (tests) do not collide; with ``--workers N``
-every worker process reports its own counts (the scraper sums them).
+app owns its registry, so two apps in one process (tests) do not collide. With ``--workers N``
+the workers write their values to ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess
+mode, set by `trec serve` before anything imports prometheus-client) and every scrape, whichever
+worker answers it, reports the sum over all of them: a scrape of one worker would undercount.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (.001, .0025, .005, .0075, .01, .015, .02, .03, .05, .075, .1, .15, .25, .5, 1.0, 2.5, 5.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+"""prometheus-client reads it when it is imported: where worker processes share their values."""
 
 
 class ServingMetrics:
@@ -42,7 +47,8 @@ class ServingMetrics:
         self.index_search = Histogram("trec_index_search_seconds", "FAISS search time per call",
                                       buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.model_info = Gauge("trec_model_info", "The served bundle (value 1)",
-                                ["version", "retriever", "ranker", "index"], registry=self.registry)
+                                ["version", "retriever", "ranker", "index"], registry=self.registry,
+                                multiprocess_mode="max")  # every worker serves the same bundle
 
     def set_model(self, version: str, retriever: str, ranker: str, index: str) -> None:
         self.model_info.labels(version, retriever, ranker, index).set(1)
@@ -56,6 +62,10 @@ class ServingMetrics:
         self.batch_seconds.observe(seconds)
 
     def render(self) -> bytes:
+        if MULTIPROCESS_DIR in os.environ:  # the values of every worker, summed
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)
 
 
