@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data_pipeline import layout as L
 from trec.errors import TrecError
@@ -74,6 +75,20 @@ class RecBatch(Batch):
         tensors = [self.dense_features, self.labels, self.ratings, kjt.values(), kjt.lengths()]
         return int(sum(t.numel() * t.element_size() for t in tensors))
 
+
+
+def keyed_jagged(names: list[str], lengths: list[np.ndarray], values: list[np.ndarray],
+                 stride: int) -> KeyedJaggedTensor:
+    """One KJT of stride R from each key's (lengths (R,), values) numpy arrays, keys in ``names`` order
+    (lengths become int32, values int64, as FBGEMM's kernels take them)."""
+    return KeyedJaggedTensor(
+        keys=list(names),
+        values=torch.from_numpy(np.concatenate([v.astype(np.int64, copy=False) for v in values])
+                                if values else np.zeros(0, np.int64)),
+        lengths=torch.from_numpy(np.concatenate([n.astype(np.int32, copy=False) for n in lengths])
+                                 if lengths else np.zeros(0, np.int32)),
+        stride=stride,
+    )
 
 @dataclass(frozen=True)
 class FeatureSpec:

@@ -11,10 +11,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data_pipeline import layout as L
-from trec.data.batch import FeatureSpec, RecBatch
+from trec.data.batch import FeatureSpec, RecBatch, keyed_jagged
 from trec.data.checks import check_finite, check_id_table, check_indices, parquet_errors, read_manifest
 from trec.data.csr import Csr, pair_key
 from trec.data.tables import SERVING, read_popularity
@@ -336,14 +335,9 @@ class PreparedDataset:
         for spec in self.sparse_features:
             spec_lengths, spec_values = self._sparse(spec, users, items, context or {}, rows,
                                                      exclude_target_from_history, history_max_len)
-            lengths.append(spec_lengths.astype(np.int32, copy=False))
-            values.append(spec_values.astype(np.int64, copy=False))
-        kjt = KeyedJaggedTensor(
-            keys=[spec.name for spec in self.sparse_features],
-            values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
-            lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int32)),
-            stride=rows,
-        )
+            lengths.append(spec_lengths)
+            values.append(spec_values)
+        kjt = keyed_jagged([spec.name for spec in self.sparse_features], lengths, values, rows)
         return RecBatch(
             dense_features=torch.from_numpy(self._dense(users, items)),
             sparse_features=kjt,

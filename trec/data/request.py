@@ -25,11 +25,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data_pipeline import layout as L
 from data_pipeline.mapping import stable_hash
-from trec.data.batch import FeatureSpec, RecBatch
+from trec.data.batch import FeatureSpec, RecBatch, keyed_jagged
 from trec.data.checks import parquet_errors
 from trec.data.csr import Csr
 from trec.data.dataset import PreparedDataset
@@ -137,14 +136,9 @@ def request_batch(dataset: PreparedDataset, users: Sequence[RequestUser], rows: 
             jagged = user_keys[spec.name]
             per_user = _user_values(spec, users, jagged.lengths().numpy(), jagged.values().numpy(), max_len)
             key_lengths, key_values = per_user.rows(rows)
-        lengths.append(key_lengths.astype(np.int32, copy=False))
-        values.append(key_values.astype(np.int64, copy=False))
-    kjt = KeyedJaggedTensor(
-        keys=[spec.name for spec in dataset.sparse_features],
-        values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
-        lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int32)),
-        stride=count,
-    )
+        lengths.append(key_lengths)
+        values.append(key_values)
+    kjt = keyed_jagged([spec.name for spec in dataset.sparse_features], lengths, values, count)
     # User and item numeric columns are disjoint (zeros where a row has no such entity): their sum.
     user_dense = _user_dense(dataset, users, stored.dense_features.numpy())
     dense = np.where((rows >= 0)[:, None], user_dense[np.maximum(rows, 0)], 0.0) if len(users) else 0.0
