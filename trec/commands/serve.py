@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_args(args: argparse.Namespace) -> None:
     for name, value, least in (("--workers", args.workers, 1), ("--max-batch", args.max_batch, 1),
-                               ("--max-k", args.max_k, 1), ("--min-history", args.min_history, 0),
+                               ("--max-k", args.max_k, 1), ("--min-history", args.min_history, 1),
                                ("--port", args.port, 0), ("--threads", args.threads or 1, 1)):
         if value < least:
             raise TrecError(f"trec serve: {name} must be >= {least}, got {value}")
