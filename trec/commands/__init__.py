@@ -72,9 +72,9 @@ def item_names(dataset) -> tuple[list[str], list[str]]:
 def print_popularity_fallback(dataset, user, k: int) -> None:
     """What `trec search` and `trec recommend` print for a user they cannot personalise
     (``user``: a :class:`trec.evaluation.served.ServedUser` whose ``index`` is None)."""
-    from trec.evaluation.served import popular_items
+    from trec.evaluation.served import popular_items, popularity_order
 
-    popular = popular_items(dataset, k, user.seen)
+    popular = popular_items(popularity_order(dataset.item_counts), k, user.seen)
     raw, titles = item_names(dataset)
     print(f"user {user.raw} is unknown (or has no positive training row): popularity fallback, the {len(popular)} items "
           "with the most training interactions, not personalised")

@@ -157,7 +157,9 @@ class PreparedDataset:
 
     # ---- ID mappings --------------------------------------------------------------------
 
-    def _mapping(self, feature: str) -> tuple[FeatureSpec, pa.Table]:
+    def mapping(self, feature: str) -> tuple[FeatureSpec, pa.Table]:
+        """(the spec that owns ``feature``'s ID mapping (``vocab_of`` followed), its mapping table with
+        columns raw, index), the table read once per dataset; TrecError for a feature without one."""
         spec = self.feature(feature)
         if spec.vocab_of:
             spec = self.feature(spec.vocab_of)
@@ -171,7 +173,7 @@ class PreparedDataset:
 
     def raw_ids(self, feature: str) -> np.ndarray:
         """index → raw ID of a vocab feature: array of length N (int64, or object of str)."""
-        spec, table = self._mapping(feature)
+        spec, table = self.mapping(feature)
         if spec.mapping != "vocab":
             raise TrecError(f"feature '{spec.name}' is hash-mapped: indices cannot be turned back into raw IDs "
                             f"(seen raw IDs and their buckets are in {spec.mapping_file})")
@@ -184,7 +186,7 @@ class PreparedDataset:
         the bucket, with ``+N`` when N other seen IDs share it ('' for a bucket none hashes to),
         read from the mapping file, since a hash cannot be inverted.
         """
-        spec, table = self._mapping(feature)
+        spec, table = self.mapping(feature)
         labels = [""] * int(spec.cardinality)
         if spec.mapping == "vocab":
             for index, raw in enumerate(table["raw"].to_pylist()):
@@ -199,7 +201,7 @@ class PreparedDataset:
 
     def lookup_index(self, feature: str, raw: object) -> int:
         """raw ID → index; TrecError for a raw ID the dataset has never seen."""
-        spec, table = self._mapping(feature)
+        spec, table = self.mapping(feature)
         raw_column = table["raw"].combine_chunks()
         try:
             value = int(raw) if pa.types.is_integer(raw_column.type) else str(raw)

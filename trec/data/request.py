@@ -23,16 +23,13 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from data_pipeline import layout as L
 from data_pipeline.mapping import stable_hash
 from trec.data.batch import FeatureSpec, RecBatch, keyed_jagged
-from trec.data.checks import parquet_errors
 from trec.data.csr import Csr
 from trec.data.dataset import PreparedDataset
-from trec.errors import TrecError
 
 
 @dataclass
@@ -59,16 +56,11 @@ class Vocabulary:
     """
 
     def __init__(self, dataset: PreparedDataset, name: str) -> None:
-        spec = dataset.feature(name)
-        base = dataset.feature(spec.vocab_of) if spec.vocab_of else spec
-        if not base.is_sparse or not base.mapping_file:
-            raise TrecError(f"feature '{name}' has no ID mapping (it is {base.kind})")
+        base, table = dataset.mapping(name)
         self.name = name
         self.hashed = base.mapping == "hash"
         self.oov_index = base.oov_index
         self.buckets = int(base.cardinality)
-        with parquet_errors(dataset.path / base.mapping_file):
-            table = pq.read_table(dataset.path / base.mapping_file, columns=["raw", "index"])
         self.raw_type = table.schema.field("raw").type
         self._integer = pa.types.is_integer(self.raw_type)
         self._indices = dict(zip(table["raw"].to_pylist(), table["index"].to_pylist()))

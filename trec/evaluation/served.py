@@ -57,7 +57,15 @@ def serve_user(dataset: PreparedDataset, raw_user: str, include_seen: bool = Fal
     return ServedUser(str(raw_user), user if known else None, splits, seen)
 
 
-def popular_items(dataset: PreparedDataset, k: int, exclude: np.ndarray) -> np.ndarray:
-    """The ``k`` items with the most training interactions, most first, none of ``exclude`` (≤ k items)."""
-    order = np.argsort(-dataset.item_counts, kind="stable")
-    return order[~np.isin(order, exclude)][:k]
+def popularity_order(item_counts: np.ndarray) -> np.ndarray:
+    """(I,) item indices by (I,) positive training count, most first (ties by index)."""
+    return np.argsort(-np.asarray(item_counts), kind="stable")
+
+
+def popular_items(order: np.ndarray, k: int, exclude: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+    """The first ``k`` items of ``order`` (:func:`popularity_order`) that are not in ``exclude`` and,
+    given ``allowed`` ((I,) bool), allowed; most popular first (≤ k items)."""
+    keep = ~np.isin(order, exclude)
+    if allowed is not None:
+        keep &= allowed[order]
+    return order[keep][:k]

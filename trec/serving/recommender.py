@@ -31,6 +31,7 @@ import torch
 from data_pipeline.layout import ITEM_ID, USER_HISTORY, USER_ID
 from trec.data.request import RequestUser, Vocabulary, request_batch
 from trec.evaluation.candidates import rerank
+from trec.evaluation.served import popular_items, popularity_order
 from trec.serving.bundle import Bundle
 from trec.serving.filters import ItemFilters, RowQuery, SearchStats, search_rows
 from trec.serving.requests import (RecommendedItem, RecommendRequest, RecommendResponse, RequestError, Route,
@@ -87,7 +88,7 @@ class Recommender:
         titles = tables.item_titles()
         self.titles = [title or None for title in titles] if titles else [None] * tables.num_items
         self.popularity = np.asarray(tables.item_counts, np.int64)
-        self.popular_order = np.argsort(-self.popularity, kind="stable")
+        self.popular_order = popularity_order(self.popularity)
         indices, vectors = bundle.index.item_vectors()
         self.in_index = np.zeros(tables.num_items, bool)
         self.in_index[indices] = True
@@ -275,11 +276,7 @@ class Recommender:
 
     def _popular(self, plan: _Plan) -> np.ndarray:
         """The ``k`` most popular items the plan allows, most first."""
-        order = self.popular_order
-        keep = ~np.isin(order, plan.excluded)
-        if plan.allowed is not None:
-            keep &= plan.allowed[order]
-        return order[keep][: plan.k]
+        return popular_items(self.popular_order, plan.k, plan.excluded, plan.allowed)
 
     def _items(self, items: np.ndarray, scores: np.ndarray) -> list[RecommendedItem]:
         return [RecommendedItem(str(self.item_labels[item]), self.titles[item], float(score), rank)
