@@ -90,3 +90,23 @@ def serving_export(tmp_path_factory) -> dict:
     run_command(trec_command(1, "export", "--run-dir", tt, "--out", out, "--ranker-run-dir", dcn,
                              "--set", "export.index=flat"))
     return {"export": out, "tt": tt, "root": root}
+
+
+@pytest.fixture(scope="session")
+def redis_session(tmp_path_factory):
+    """One real redis-server for the session (tests/redis_server.py: skipped without it, unless CI requires it)."""
+    from redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(redis_session):
+    """The session's redis-server, running and empty."""
+    if redis_session.process is None:
+        redis_session.start()
+    redis_session.flush()
+    return redis_session

@@ -5,19 +5,15 @@ requests get 422 naming the field, /metrics parses and counts, and a tampered bu
 
 from __future__ import annotations
 
-import http.client
-import json
-import re
 import shutil
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from training import REPO, child_env, run_command, trec_command
+from serving_client import Server, ids
+from serving_client import metric as _metric
+from training import run_command, trec_command
 
 from trec.serving.recommender import Recommender
 
@@ -25,47 +21,6 @@ from trec.serving.recommender import Recommender
 @pytest.fixture(scope="module")
 def export(serving_export):
     return serving_export  # tests/conftest.py: one bundle for the serving tests
-
-
-class Server:
-    """A `trec serve` process on a port the OS picked (--port 0), up once it printed its line."""
-
-    def __init__(self, export, *flags: str) -> None:
-        command = [sys.executable, "-m", "trec", "serve", str(export), "--port", "0", "--threads", "1", *flags]
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=child_env(), cwd=REPO)
-        line = self.proc.stdout.readline()  # blocks until the server is ready (or gone)
-        match = re.fullmatch(r"serving (\S+) on http://127\.0\.0\.1:(\d+)\n", line)
-        if match is None:
-            self.stop()
-            raise AssertionError(f"no serving line: {line!r}\n{self.proc.stderr.read()[-4000:]}")
-        self.port = int(match.group(2))
-
-    def request(self, method: str, path: str, body: object = None, raw: bytes | None = None) -> tuple[int, object]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            payload = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-            connection.request(method, path, payload, {"Content-Type": "application/json"})
-            response = connection.getresponse()
-            text = response.read().decode()
-            kind = response.getheader("Content-Type", "")
-            return response.status, json.loads(text) if kind.startswith("application/json") else text
-        finally:
-            connection.close()
-
-    def recommend(self, **body) -> dict:
-        status, answer = self.request("POST", "/recommend", body)
-        assert status == 200, answer
-        return answer
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +35,6 @@ def server(export):
 @pytest.fixture(scope="module")
 def rec(export) -> Recommender:
     return Recommender.load(export["export"])
-
-
-def ids(answer: dict) -> list[str]:
-    return [item["item_id"] for item in answer["items"]]
 
 
 def search_output(export, user: str, k: int) -> list[str]:
@@ -190,14 +141,6 @@ def test_bad_requests_get_422_naming_the_field(server):
     assert server.proc.poll() is None
 
 
-def _metric(server: Server, family: str, sample: str, **labels: str) -> float:
-    status, text = server.request("GET", "/metrics")
-    assert status == 200
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    return sum(s.value for s in families[family].samples
-               if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
-
-
 def test_metrics_parse_and_count_the_requests(server, rec):
     def recommends(source: str) -> float:
         return _metric(server, "trec_requests", "trec_requests_total", endpoint="/recommend", source=source,
@@ -213,11 +156,13 @@ def test_metrics_parse_and_count_the_requests(server, rec):
     assert _metric(server, "trec_model_info", "trec_model_info", version=rec.version, ranker="dcn") == 1
 
 
-def test_workers_and_one_at_a_time(export, rec):
-    """--workers 2 (uvicorn processes, each loading the bundle) and --max-batch 1 give the same answers, and
+def test_workers_and_one_at_a_time(export, rec, redis_server):
+    """--workers 2 (uvicorn processes, each loading the bundle, sharing one Redis store) and --max-batch 1 give
+    the same answers, and
     one scrape of /metrics counts the requests of both workers (multiprocess mode), not those of one. The
     cold-start threshold reaches the workers: with --min-history 2 one known history item is not enough."""
-    running = Server(export["export"], "--workers", "2", "--max-batch", "1", "--min-history", "2")
+    running = Server(export["export"], "--workers", "2", "--max-batch", "1", "--min-history", "2", "--store",
+                     redis_server.url)
     try:
         items = rec.item_labels
         assert running.recommend(user_id="new-user", k=5, history=[items[3]])["route"] == "popularity"

@@ -32,6 +32,8 @@ _COMMAND_MODULES = (
     "search",
     "recommend",
     "serve",
+    "publish",
+    "experiments",
     "bench",
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import socket
@@ -10,24 +11,31 @@ import tempfile
 import threading
 import time
 import urllib.request
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trec.errors import TrecError
+
+if TYPE_CHECKING:
+    from trec.serving.deployment import ServeOptions
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="serve recommendations over HTTP from an export's bundle",
-        description="Load BUNDLE (an export directory of `trec export`, or its bundle/), check every checksum, warm "
-        "it up, and answer POST /recommend, GET /similar-items/{item_id}, /health, /ready, /metrics, /model "
-        "(OpenAPI at /docs). Prints `serving BUNDLE on http://HOST:PORT` once /ready answers 200.",
+        description="Load BUNDLE (an export directory of `trec export`, or its bundle/) or the CURRENT version of a "
+        "--model-root, check every checksum, warm it up, and answer POST /recommend, POST /feedback, GET "
+        "/similar-items/{item_id}, /experiments/{name}, POST /admin/reload (TREC_ADMIN_TOKEN), /health, /ready, "
+        "/metrics, /model (OpenAPI at /docs). Prints `serving BUNDLE on http://HOST:PORT` once /ready answers 200.",
     )
-    parser.add_argument("bundle", metavar="BUNDLE", help="export directory (trec export --out) or its bundle/")
+    parser.add_argument("bundle", metavar="BUNDLE", nargs="?",
+                        help="export directory (trec export --out) or its bundle/; or --model-root")
+    parser.add_argument("--model-root", metavar="DIR",
+                        help="serve the CURRENT version of a `trec publish` model root (reload: POST /admin/reload)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--workers", type=int, default=1,
-                        help="processes, each loading the bundle (default 1)")
+                        help="processes, each loading the bundle (default 1; >1 needs a shared --store redis://)")
     parser.add_argument("--max-batch", type=int, default=64,
                         help="most concurrent /recommend requests answered in one model call (1: one at a time)")
     parser.add_argument("--max-wait-ms", type=float, default=2.0,
@@ -36,9 +44,44 @@ def register(subparsers) -> None:
                         help="torch and FAISS (OpenMP) threads per worker (default: cores // workers)")
     parser.add_argument("--max-k", type=int, default=1000, help="largest k a request may ask for (default 1000)")
     parser.add_argument("--min-history", type=int, default=1,
-                        help="known history items that route an unknown user through the tower (cold start; "
-                             "fewer, and no user features: popularity; default 1)")
+                        help="history items (online + sent) that make an unknown user warm: the tower, not "
+                             "popularity (default 1)")
+    parser.add_argument("--hot-history", type=int, default=5,
+                        help="history items from which an unknown user is hot (default 5)")
+    parser.add_argument("--rerank-hot", action="store_true",
+                        help="re-rank hot users' lists with the bundle's ranker unless a request says rerank: false")
+    parser.add_argument("--store", default="memory",
+                        help="online store of histories and experiment counters: memory (default, this process) "
+                             "or redis://HOST:PORT/DB (shared by replicas)")
+    parser.add_argument("--store-timeout-ms", type=float, default=50.0,
+                        help="timeout of every store call (default 50); slower means degraded, not stuck")
+    parser.add_argument("--events", metavar="DIR",
+                        help="append every /feedback event to Parquet files in DIR (trec data prepare parquet "
+                             "--label-col label reads them)")
+    parser.add_argument("--event-labels", metavar="SPEC",
+                        help="event=label pairs, e.g. purchase=1,like=0.9,click=0.5,view=0.4,dislike=0")
+    parser.add_argument("--history-len", type=int,
+                        help="online history items kept per user (default: the model's data.history_max_len)")
+    parser.add_argument("--experiments", metavar="FILE",
+                        help="an A/B experiment (YAML) whose arms are versions of --model-root")
+    parser.add_argument("--watch-s", type=float, default=0.0,
+                        help="poll --model-root's CURRENT every this many seconds and reload when it moves")
     parser.set_defaults(func=run)
+
+
+def options_of(args: argparse.Namespace, threads: int) -> ServeOptions:
+    """The :class:`~trec.serving.deployment.ServeOptions` of the command line."""
+    from trec.serving.deployment import ServeOptions
+    from trec.serving.events import DEFAULT_EVENT_LABELS, parse_event_labels
+    from trec.serving.recommender import Settings
+
+    settings = Settings(max_k=args.max_k, min_history=args.min_history, hot_history=args.hot_history,
+                        rerank_hot=args.rerank_hot)
+    labels = parse_event_labels(args.event_labels) if args.event_labels else dict(DEFAULT_EVENT_LABELS)
+    return ServeOptions(bundle=args.bundle, model_root=args.model_root, max_batch=args.max_batch,
+                        max_wait_ms=args.max_wait_ms, threads=threads, settings=settings, store=args.store,
+                        store_timeout_ms=args.store_timeout_ms, events=args.events, event_labels=labels,
+                        history_len=args.history_len, experiments=args.experiments, watch_s=args.watch_s)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,31 +99,33 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
-    from trec.serving.app import (ENV_BUNDLE, ENV_MAX_BATCH, ENV_MAX_K, ENV_MAX_WAIT, ENV_MIN_HISTORY, ENV_READY_DIR,
-                                  ENV_THREADS, ENV_VERIFY, ServeOptions, create_app)
+    from trec.serving.app import ENV_OPTIONS, ENV_READY_DIR, create_app
     from trec.serving.bundle import Bundle
-    from trec.serving.recommender import Recommender, Settings
+    from trec.serving.store import open_store
+    from trec.serving.versions import current_path
 
     torch.set_num_threads(threads)
-    settings = Settings(max_k=args.max_k, min_history=args.min_history)
-    options = ServeOptions(args.max_batch, args.max_wait_ms, threads, settings)
+    options = options_of(args, threads)
+    # Everything that can be refused is refused here, in one line, before the port is bound.
+    Bundle.load(args.bundle or current_path(args.model_root))
+    open_store(options.store).close()
+    if options.experiments:
+        from trec.serving.experiments import load_experiments
+
+        load_experiments(options.experiments)
+    options = dataclasses.replace(options, verify=False)  # verified once, above
+    sock = _bind(args.host, args.port)
     quiet = {"log_level": "warning", "access_log": False, "timeout_graceful_shutdown": 5}
+    shown = args.model_root or args.bundle
     if args.workers == 1:
-        # A bad bundle is one TrecError line, before the port is bound.
-        recommender = Recommender.load(args.bundle, settings)
-        sock = _bind(args.host, args.port)
-        server = uvicorn.Server(uvicorn.Config(create_app(recommender, options=options), **quiet))
-        _announce(args.bundle, sock, 1, None)
+        server = uvicorn.Server(uvicorn.Config(create_app(options), **quiet))
+        _announce(shown, sock, 1, None)
         server.run(sockets=[sock])
         return 0 if server.started else 1
-    Bundle.load(args.bundle)  # verified once here; each worker then loads it without re-hashing
-    sock = _bind(args.host, args.port)
     ready_dir = tempfile.mkdtemp(prefix="trec-serve-")
-    os.environ.update({ENV_BUNDLE: str(Path(args.bundle).resolve()), ENV_MAX_BATCH: str(args.max_batch),
-                       ENV_MAX_WAIT: str(args.max_wait_ms), ENV_THREADS: str(threads), ENV_VERIFY: "0",
-                       ENV_READY_DIR: ready_dir, ENV_MAX_K: str(args.max_k), ENV_MIN_HISTORY: str(args.min_history)})
+    os.environ.update({ENV_OPTIONS: options.to_json(), ENV_READY_DIR: ready_dir})
     config = uvicorn.Config("trec.serving.app:app_from_env", factory=True, workers=args.workers, **quiet)
-    _announce(args.bundle, sock, args.workers, ready_dir)
+    _announce(shown, sock, args.workers, ready_dir)
     try:
         Multiprocess(config, sockets=[sock]).run()
     finally:
@@ -90,15 +135,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if (args.bundle is None) == (args.model_root is None):
+        raise TrecError("trec serve: give BUNDLE or --model-root DIR (exactly one)")
     for name, value, least in (("--workers", args.workers, 1), ("--max-batch", args.max_batch, 1),
                                ("--max-k", args.max_k, 1), ("--min-history", args.min_history, 1),
+                               ("--hot-history", args.hot_history, args.min_history),
+                               ("--history-len", args.history_len or 1, 1),
                                ("--port", args.port, 0), ("--threads", args.threads or 1, 1)):
         if value < least:
             raise TrecError(f"trec serve: {name} must be >= {least}, got {value}")
-    if not args.max_wait_ms >= 0:
-        raise TrecError(f"trec serve: --max-wait-ms must be >= 0, got {args.max_wait_ms}")
+    for name, value in (("--max-wait-ms", args.max_wait_ms), ("--watch-s", args.watch_s),
+                        ("--store-timeout-ms", args.store_timeout_ms - 1e-9)):
+        if not value >= 0:
+            raise TrecError(f"trec serve: {name} must be {'> 0' if 'store' in name else '>= 0'}, got {value}")
     if args.port > 65535:
         raise TrecError(f"trec serve: --port must be at most 65535, got {args.port}")
+    if args.workers > 1 and args.store == "memory":
+        raise TrecError("trec serve: --workers > 1 needs a shared --store redis://HOST:PORT/DB (the memory store is "
+                        "per process: a worker would not see the feedback another one took)")
+    if args.experiments and args.model_root is None:
+        raise TrecError("trec serve: --experiments needs --model-root (its arms are published versions)")
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -81,7 +81,7 @@ def _load_yaml(text: str):
     return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise TrecError(f"config file not found: {path}")
     data = path.read_bytes()
@@ -159,7 +159,7 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str], schema
     """
     merged = OmegaConf.structured(schema)
     if path is not None:
-        merged = _merge(merged, OmegaConf.create(_read_yaml(Path(path))), str(path))
+        merged = _merge(merged, OmegaConf.create(read_yaml(Path(path))), str(path))
     for text in overrides:
         key, value = _parse_override(text)
         merged = _merge(merged, OmegaConf.create(_override_layer(key, value)), f"override {quote(text)}")

@@ -1,233 +1,223 @@
-"""The HTTP API of a :class:`~trec.serving.Recommender` (FastAPI; ``trec serve`` runs it on uvicorn).
+"""The HTTP API of serving (FastAPI; ``trec serve`` runs it on uvicorn).
 
-    POST /recommend                  RecommendRequest's fields as JSON -> RecommendResponse as JSON
+    POST /recommend                  RecommendRequest's fields as JSON -> RecommendResponse as JSON (+ arm)
+    POST /feedback                   {user_id, item_id, event, timestamp?, context?} -> label, positive, ...
     GET  /similar-items/{item_id}?k= the k items nearest the item's vector
-    GET  /health                     200 while the process is alive (500 when its bundle failed to load)
-    GET  /ready                      200 once the bundle is loaded and warmed, 503 before
+    GET  /experiments/{name}         per-arm impressions, clicks, CTR; each arm against the control
+    POST /admin/reload               load the model root's CURRENT (and the arms), then swap (token required)
+    GET  /health                     200 while the process is alive (500 when its first load failed)
+    GET  /ready                      200 once a version is loaded and warmed ("degraded" while the store is
+                                     down: answers still come, from the bundle's offline histories), 503 before
     GET  /metrics                    Prometheus text (:mod:`trec.serving.metrics`)
-    GET  /model                      provenance: the bundle manifest's version and run bindings
+    GET  /model                      provenance: the served versions' manifests and run bindings
     GET  /docs, /openapi.json        the schema
 
-``create_app(recommender)`` serves a loaded recommender; ``create_app(bundle="EXPORT")`` loads one
-in the background while /health answers. :func:`app_from_env` is the factory uvicorn calls in each
-``--workers`` process (the bundle path and options come in ``TREC_SERVE_*`` variables).
+``create_app(options)`` loads what the options name in the background while /health answers;
+:func:`app_from_env` is the factory uvicorn calls in each ``--workers`` process (the options as JSON
+in ``TREC_SERVE_OPTIONS``). What is loaded, routed and reloaded: :mod:`trec.serving.deployment`;
+feedback and online histories: :mod:`trec.serving.online`.
 
-/recommend requests go through the :class:`~trec.serving.batcher.MicroBatcher`; everything that
-touches the model or the index runs in its one worker thread. Bad input is 422 with
-``{"field", "message", "detail"}`` naming the field (``k``, ``filters.item_genres``,
-``history[2]``, ``body`` for malformed JSON); an unexpected exception is 500, logged, and the
-process keeps serving.
+/recommend and /feedback go through micro-batchers (:mod:`trec.serving.batcher`): one model call,
+one store round trip and one fsync of the event log per batch. Bad input is 422 naming the field
+(:mod:`trec.serving.schema`); an unexpected exception is 500, logged, and the process keeps serving.
+/admin/* answers 403 unless ``TREC_ADMIN_TOKEN`` is set, and 401 without ``Authorization: Bearer TOKEN``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
-import json
+import hmac
 import logging
 import os
-import re
 import time
-from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from contextlib import asynccontextmanager, suppress
+from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict
 
+from trec.errors import TrecError
 from trec.serving.batcher import MicroBatcher
-from trec.serving.metrics import CONTENT_TYPE, ServingMetrics, TimedIndex
-from trec.serving.recommender import Recommender, Settings
+from trec.serving.deployment import Deployment, ServeOptions
+from trec.serving.experiments import report_json
+from trec.serving.metrics import CONTENT_TYPE, ServingMetrics
 from trec.serving.requests import RecommendRequest, RequestError
+from trec.serving.schema import (ERRORS, FeedbackBody, FeedbackOut, RecommendBody, RecommendOut, SimilarOut,
+                                 json_response, request_error, validation_error)
 
 log = logging.getLogger("trec.serving")
 
-ENV_BUNDLE, ENV_MAX_BATCH, ENV_MAX_WAIT = "TREC_SERVE_BUNDLE", "TREC_SERVE_MAX_BATCH", "TREC_SERVE_MAX_WAIT_MS"
-ENV_THREADS, ENV_READY_DIR, ENV_VERIFY = "TREC_SERVE_THREADS", "TREC_SERVE_READY_DIR", "TREC_SERVE_VERIFY"
-ENV_MAX_K, ENV_MIN_HISTORY = "TREC_SERVE_MAX_K", "TREC_SERVE_MIN_HISTORY"
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    max_batch: int = 64
-    """Most /recommend requests in one recommend_many call (1: one at a time)."""
-    max_wait_ms: float = 2.0
-    """How long the first request of a batch waits for others."""
-    threads: int | None = None
-    """torch threads of the worker thread (None: torch's default)."""
-    settings: Settings = field(default_factory=Settings)
-    """The recommender's limits and cold-start thresholds (used when the app loads the bundle itself)."""
-
-
-# ----------------------------------------------------------------------------------- schema
-
-
-class RecommendBody(BaseModel):
-    """POST /recommend (see :class:`~trec.serving.requests.RecommendRequest`)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    user_id: str | int
-    k: int = 10
-    exclude_seen: bool = True
-    history: list[str | int] | None = None
-    user_features: dict[str, str | list[str | int] | float] | None = None
-    context: dict[str, str | int] | None = None
-    filters: dict[str, list[str | int]] | None = None
-    rerank: bool = False
-    candidates: int = 100
-
-
-class ItemOut(BaseModel):
-    item_id: str
-    title: str | None
-    score: float
-    rank: int
-
-
-class RecommendOut(BaseModel):
-    items: list[ItemOut]
-    source: str
-    model_version: str
-    route: str
-    unknown_history: int
-
-
-class SimilarOut(BaseModel):
-    item_id: str
-    items: list[ItemOut]
-    model_version: str
-
-
-class ErrorOut(BaseModel):
-    field: str
-    message: str
-    detail: list[dict]
-
-
-# ----------------------------------------------------------------------------------- app
+ENV_OPTIONS, ENV_READY_DIR, ENV_ADMIN_TOKEN = "TREC_SERVE_OPTIONS", "TREC_SERVE_READY_DIR", "TREC_ADMIN_TOKEN"
 
 
 class _State:
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
         self.metrics = ServingMetrics()
-        self.recommender: Recommender | None = None
-        self.batcher: MicroBatcher | None = None
+        self.deployment = Deployment(options, self.metrics)
+        self.feedback: MicroBatcher | None = None
         self.failure: str | None = None
+        self.tasks: list[asyncio.Task] = []
 
     @property
     def ready(self) -> bool:
-        return self.batcher is not None
+        return self.feedback is not None
 
-    async def start(self, recommender: Recommender) -> None:
-        bundle = recommender.bundle
-        bundle.index = TimedIndex(bundle.index, self.metrics)
-        ranker = bundle.manifest.get("ranker") or {}
-        self.metrics.set_model(recommender.version, bundle.manifest["retriever"]["model"], ranker.get("model", ""),
-                               bundle.index.index_kind)
-        batcher = MicroBatcher(recommender.recommend_many, self.options.max_batch, self.options.max_wait_ms,
-                               self.options.threads, on_batch=self.metrics.observe_batch)
-        await batcher.start()
-        self.recommender, self.batcher = recommender, batcher
-        # The loaded bundle (modules, tables, index) is permanent: keep it out of the garbage collector's full
-        # passes, which otherwise stall every in-flight answer at once (p99 ~250 ms at 32 clients).
-        gc.collect()
-        gc.freeze()
+    async def start(self) -> None:
+        try:
+            await self.deployment.load()
+            online = self.deployment.online
+            feedback = MicroBatcher(online.feedback_many, max(self.options.max_batch, 256), self.options.max_wait_ms)
+            await feedback.start()
+            self.feedback = feedback
+        except Exception as error:  # noqa: BLE001 - reported by /health and /ready
+            self.failure = f"{type(error).__name__}: {error}"
+            log.exception("loading %s failed", self.options.model_root or self.options.bundle)
+            return
+        loop = asyncio.get_running_loop()
+        if self.deployment.events is not None:
+            self.tasks.append(loop.create_task(self._rotate_events()))
+        if self.options.watch_s > 0 and self.options.model_root:
+            self.tasks.append(loop.create_task(self.deployment.watch()))
         ready_dir = os.environ.get(ENV_READY_DIR)
         if ready_dir:  # `trec serve --workers N` counts these before it says the server is up
             Path(ready_dir, f"ready-{os.getpid()}").touch()
 
-    async def load(self, path: str, verify: bool) -> None:
-        try:
-            recommender = await asyncio.to_thread(Recommender.load, path, self.options.settings, verify=verify)
-            await self.start(recommender)
-        except Exception as error:  # noqa: BLE001 - reported by /health and /ready
-            self.failure = f"{type(error).__name__}: {error}"
-            log.exception("loading the bundle %s failed", path)
+    async def _rotate_events(self) -> None:
+        """Events older than the log's max age reach a Parquet file even when no new ones arrive."""
+        while True:
+            await asyncio.sleep(1.0)
+            with suppress(OSError):  # a full disk: the events stay in the write-ahead file
+                await asyncio.to_thread(self.deployment.events.maybe_rotate)
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        if self.feedback is not None:
+            await self.feedback.stop()
+        await self.deployment.close()
 
 
-def create_app(recommender: Recommender | None = None, bundle: str | None = None,
-               options: ServeOptions = ServeOptions(), verify: bool = True) -> FastAPI:
-    """The API over ``recommender``, or over the bundle at ``bundle`` loaded at startup (see the module docstring)."""
-    if (recommender is None) == (bundle is None):
-        raise ValueError("give a recommender or a bundle path")
+def create_app(options: ServeOptions) -> FastAPI:
+    """The API over what ``options`` names, loaded at startup (see the module docstring)."""
     # torch.fx warns on every call of a torchrec module outside tracing (torchrec asks is_fx_tracing).
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     state = _State(options)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loading = None
-        if recommender is not None:
-            await state.start(recommender)
-        else:
-            loading = asyncio.get_running_loop().create_task(state.load(bundle, verify))
+        loading = asyncio.get_running_loop().create_task(state.start())
         yield
-        if loading is not None:
-            loading.cancel()
-        if state.batcher is not None:
-            await state.batcher.stop()
+        loading.cancel()
+        with suppress(asyncio.CancelledError):
+            await loading
+        await state.stop()
 
     app = FastAPI(title="trec serving", version="1", lifespan=lifespan,
-                  description="Recommendations from a trec export's servable bundle.")
+                  description="Recommendations from trec's servable bundles, feedback and experiments.")
     app.state.serving = state
     app.add_middleware(_Timing, metrics=state.metrics)
-    app.add_exception_handler(RequestError, _request_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    _add_routes(app, state)
+    app.add_exception_handler(RequestError, request_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    _add_routes(app, state, os.environ.get(ENV_ADMIN_TOKEN, ""))
     return app
 
 
 def app_from_env() -> FastAPI:
-    """The app of one ``trec serve --workers N`` process: the bundle and options from ``TREC_SERVE_*``."""
-    threads = int(os.environ.get(ENV_THREADS, "0")) or None
-    if threads:
+    """The app of one ``trec serve --workers N`` process: the options from ``TREC_SERVE_OPTIONS``."""
+    options = ServeOptions.from_json(os.environ[ENV_OPTIONS])
+    if options.threads:
         import torch
 
-        torch.set_num_threads(threads)
-    settings = Settings(max_k=int(os.environ.get(ENV_MAX_K, Settings.max_k)),
-                        min_history=int(os.environ.get(ENV_MIN_HISTORY, Settings.min_history)))
-    options = ServeOptions(int(os.environ.get(ENV_MAX_BATCH, "64")), float(os.environ.get(ENV_MAX_WAIT, "2")), threads,
-                           settings)
-    return create_app(bundle=os.environ[ENV_BUNDLE], options=options, verify=os.environ.get(ENV_VERIFY, "1") == "1")
+        torch.set_num_threads(options.threads)
+    return create_app(options)
 
 
-_ERRORS = {422: {"model": ErrorOut, "description": "a bad request, naming its field"}}
+def _add_routes(app: FastAPI, state: _State, admin_token: str) -> None:
+    deployment = state.deployment
 
-
-def _add_routes(app: FastAPI, state: _State) -> None:
-    @app.post("/recommend", response_model=RecommendOut, responses=_ERRORS)
+    @app.post("/recommend", response_model=RecommendOut, responses=ERRORS)
     async def recommend(body: RecommendBody, request: Request) -> Response:
         """The top ``k`` items for a user (known, cold with history or features, or popularity)."""
         if not state.ready:
             return _not_ready(state)
-        response = await state.batcher.submit(RecommendRequest(**dict(body)))
+        lane, arm = deployment.route(body.user_id)
+        lane.active += 1  # before any await: a reload retires this lane only after the answer
+        try:
+            response = await lane.batcher.submit(RecommendRequest(**dict(body)))
+        finally:
+            lane.active -= 1
         request.state.source = response.source
-        return _json(asdict(response))
+        return json_response({**asdict(response), "version": lane.name if lane.published else None,
+                              "arm": arm.name if arm else None})
 
-    @app.get("/similar-items/{item_id}", response_model=SimilarOut, responses=_ERRORS)
+    @app.post("/feedback", response_model=FeedbackOut, responses=ERRORS)
+    async def feedback(body: FeedbackBody) -> Response:
+        """Record one event: logged durably (with --events), the user's online history updated."""
+        if not state.ready:
+            return _not_ready(state)
+        event = deployment.online.event(dict(body))
+        try:
+            result = await state.feedback.submit(event)
+        except OSError as error:  # the event log could not write it: nothing was acknowledged
+            return json_response({"status": "unavailable", "error": f"event log: {error}"}, 503)
+        return json_response(asdict(result))
+
+    @app.get("/similar-items/{item_id}", response_model=SimilarOut, responses=ERRORS)
     async def similar_items(item_id: str, k: int = Query(10)) -> Response:
         """The ``k`` items whose vectors score highest with the item's."""
         if not state.ready:
             return _not_ready(state)
-        items = await state.batcher.call(state.recommender.similar_items, item_id, k)
-        return _json({"item_id": item_id, "items": [asdict(item) for item in items],
-                      "model_version": state.recommender.version})
+        lane = deployment.lane_set.default
+        items = await lane.batcher.call(lane.recommender.similar_items, item_id, k)
+        return json_response({"item_id": item_id, "items": [asdict(item) for item in items],
+                              "model_version": lane.recommender.version})
+
+    @app.get("/experiments/{name}")
+    async def experiment(name: str) -> Response:
+        """Per-arm impressions, clicks and CTR of the running experiment, each arm against the control."""
+        if not state.ready:
+            return _not_ready(state)
+        running = deployment.lane_set.experiment
+        if running is None or running.name != name:
+            return json_response({"error": f"no running experiment {name!r}"[:200]}, 404)
+        report = await asyncio.to_thread(deployment.online.experiment_log.report, running)
+        return json_response(report_json(report))
+
+    @app.post("/admin/reload")
+    async def reload(request: Request) -> Response:
+        """Load the model root's CURRENT version (and the experiment's arms), then swap them in."""
+        denied = _denied(request, admin_token)
+        if denied is not None:
+            return denied
+        if not state.ready:
+            return _not_ready(state)
+        try:
+            before, after = await deployment.reload()
+        except TrecError as error:
+            return json_response({"status": "failed", "error": str(error), "serving": deployment.lane_set.current}, 409)
+        return json_response({"status": "reloaded", "previous": before, "current": after})
 
     @app.get("/health")
     async def health() -> Response:
-        """Alive (500 when the bundle failed to load: restart the process)."""
+        """Alive (500 when the first load failed: restart the process)."""
         if state.failure:
-            return _json({"status": "failed", "error": state.failure}, 500)
-        return _json({"status": "ok"})
+            return json_response({"status": "failed", "error": state.failure}, 500)
+        return json_response({"status": "ok"})
 
     @app.get("/ready")
     async def ready() -> Response:
-        """200 once the bundle is loaded and warmed, 503 before."""
-        return _json({"status": "ready"}) if state.ready else _not_ready(state)
+        """200 once loaded ("degraded" while the online store is down), 503 before."""
+        if not state.ready:
+            return _not_ready(state)
+        store = deployment.store
+        if not store.healthy:
+            await asyncio.to_thread(store.check)  # the breaker may still be open: ask the server now
+        status = "ready" if store.healthy else "degraded"
+        return json_response({"status": status, "store": {"url": _redacted(store.url), "up": store.healthy,
+                                                          "error": store.last_error}})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -236,67 +226,43 @@ def _add_routes(app: FastAPI, state: _State) -> None:
 
     @app.get("/model")
     async def model() -> Response:
-        """The served bundle's provenance (manifest version and run bindings) and the serving options."""
+        """The served versions' provenance (manifest version and run bindings) and the serving options."""
         if not state.ready:
             return _not_ready(state)
-        bundle = state.recommender.bundle
-        manifest = bundle.manifest
-        return _json({"version": manifest["version"], "format_version": manifest["format_version"],
-                      "created": manifest.get("created"), "retriever": manifest["retriever"],
-                      "ranker": manifest["ranker"], "bundle": str(bundle.root),
-                      "index": {"kind": bundle.index.index_kind, "num_vectors": bundle.index.num_vectors},
-                      "serving": {**asdict(state.options), "pid": os.getpid()}})
+        lane_set = deployment.lane_set
+        versions = {name: _provenance(lane.recommender.bundle) for name, lane in lane_set.lanes.items()}
+        current = versions[lane_set.current]
+        options = {**asdict(state.options), "store": _redacted(state.options.store), "pid": os.getpid()}
+        return json_response({**current, "current": lane_set.current, "versions": versions,
+                              "experiment": lane_set.experiment.name if lane_set.experiment else None,
+                              "serving": options})
 
 
-def _json(content: object, status: int = 200) -> Response:
-    return Response(json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(),
-                    status_code=status, media_type="application/json")
+def _provenance(bundle) -> dict:
+    manifest = bundle.manifest
+    return {"version": manifest["version"], "format_version": manifest["format_version"],
+            "created": manifest.get("created"), "retriever": manifest["retriever"], "ranker": manifest["ranker"],
+            "bundle": str(bundle.root), "index": {"kind": bundle.index.index_kind,
+                                                  "num_vectors": bundle.index.num_vectors}}
+
+
+def _redacted(url: str) -> str:
+    """A store URL without its password."""
+    head, at, tail = url.rpartition("@")
+    return f"{head.split(':')[0]}:***@{tail}" if at and ":" in head.split("//", 1)[-1] else url
+
+
+def _denied(request: Request, token: str) -> Response | None:
+    if not token:
+        return json_response({"error": f"admin endpoints are disabled (set {ENV_ADMIN_TOKEN})"}, 403)
+    sent = request.headers.get("authorization", "")
+    if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+        return json_response({"error": "missing or wrong token (Authorization: Bearer TOKEN)"}, 401)
+    return None
 
 
 def _not_ready(state: _State) -> Response:
-    return _json({"status": "failed" if state.failure else "loading", "error": state.failure}, 503)
-
-
-def _unprocessable(field: str, message: str, detail: list[dict]) -> Response:
-    return _json({"field": field, "message": f"{field}: {message}", "detail": detail}, 422)
-
-
-async def _request_error(request: Request, error: RequestError) -> Response:
-    where = ("query" if error.field == "k" else "path") if request.method == "GET" else "body"
-    return _unprocessable(error.field, error.message,
-                          [{"loc": [where, *error.field.split(".")], "msg": error.message, "type": "value_error"}])
-
-
-# Union members pydantic appends to an error's location (``user_id.str``, ``history.0.int``).
-_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")
-
-
-async def _validation_error(request: Request, error: RequestValidationError) -> Response:
-    errors = error.errors()
-    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "value_error"}
-    if first.get("type") == "json_invalid":
-        reason = (first.get("ctx") or {}).get("error", first.get("msg"))
-        return _unprocessable("body", f"malformed JSON ({reason})", [_plain(first)])
-    field, message = _field(first.get("loc", ())), str(first.get("msg"))
-    if field == "body" and first.get("type") == "model_attributes_type":
-        message = "expected a JSON object (send Content-Type: application/json)"
-    return _unprocessable(field, message, [_plain(e) for e in errors[:10]])
-
-
-def _field(loc: tuple) -> str:
-    """``("body", "filters", "item_genres", 0, "str")`` -> ``filters.item_genres[0]``."""
-    parts = list(loc[1:] if loc and loc[0] in ("body", "query", "path") else loc)
-    while parts and isinstance(parts[-1], str) and _UNION_TAG.match(parts[-1]):
-        parts.pop()
-    field = ""
-    for part in parts:
-        field += f"[{part}]" if isinstance(part, int) else (f".{part}" if field else str(part))
-    return field or (str(loc[0]) if loc else "body")
-
-
-def _plain(error: dict) -> dict:
-    return {"loc": [str(part) if not isinstance(part, int) else part for part in error.get("loc", ())],
-            "msg": str(error.get("msg")), "type": str(error.get("type"))}
+    return json_response({"status": "failed" if state.failure else "loading", "error": state.failure}, 503)
 
 
 class _Timing:
@@ -324,7 +290,7 @@ class _Timing:
             log.exception("%s %s failed", scope.get("method"), scope.get("path"))
             if not status[0]:
                 status[0] = 500
-                await _json({"detail": "internal error (logged by the server)"}, 500)(scope, receive, send)
+                await json_response({"detail": "internal error (logged by the server)"}, 500)(scope, receive, send)
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "other"

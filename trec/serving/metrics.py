@@ -5,7 +5,10 @@
     trec_batch_size                                      requests per micro-batch (one recommend_many call)
     trec_batch_seconds                                   time of a micro-batch in the worker thread
     trec_index_search_seconds                            time of one FAISS search (every shard, one call)
-    trec_model_info{version, retriever, ranker, index}   1, labelled with the bundle's provenance
+    trec_model_info{name, version, retriever, ranker, index, current}   1 for each loaded version
+    trec_store_up                                        1 while the online store answers, 0 while degraded
+    trec_feedback_total{event, positive}                 feedback events accepted
+    trec_reloads_total{outcome}                          version reloads: started, done, failed
 
 ``endpoint`` is the route's path template (``/similar-items/{item_id}``; ``other`` for an unknown
 path); ``source`` is the response's source (two_tower, two_stage, popularity) or ``none``. Each
@@ -46,12 +49,32 @@ class ServingMetrics:
                                        buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.index_search = Histogram("trec_index_search_seconds", "FAISS search time per call",
                                       buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.model_info = Gauge("trec_model_info", "The served bundle (value 1)",
-                                ["version", "retriever", "ranker", "index"], registry=self.registry,
-                                multiprocess_mode="max")  # every worker serves the same bundle
+        self.model_info = Gauge("trec_model_info", "The loaded versions (value 1)",
+                                ["name", "version", "retriever", "ranker", "index", "current"], registry=self.registry,
+                                multiprocess_mode="max")  # every worker serves the same versions
+        self.store_up = Gauge("trec_store_up", "1 while the online store answers", registry=self.registry,
+                              multiprocess_mode="min")  # one degraded worker makes the service degraded
+        self.feedback = Counter("trec_feedback", "Feedback events accepted", ["event", "positive"],
+                                registry=self.registry)
+        self.reloads = Counter("trec_reloads", "Version reloads", ["outcome"], registry=self.registry)
 
-    def set_model(self, version: str, retriever: str, ranker: str, index: str) -> None:
-        self.model_info.labels(version, retriever, ranker, index).set(1)
+    def set_models(self, loaded: list[tuple[str, object]], current: str) -> None:
+        """``loaded``: (name, Recommender) of every loaded version; the previous set is replaced."""
+        self.model_info.clear()
+        for name, recommender in loaded:
+            bundle = recommender.bundle
+            ranker = bundle.manifest.get("ranker") or {}
+            self.model_info.labels(name, recommender.version, bundle.manifest["retriever"]["model"],
+                                   ranker.get("model", ""), bundle.index.index_kind, str(name == current)).set(1)
+
+    def set_store_up(self, up: bool) -> None:
+        self.store_up.set(1 if up else 0)
+
+    def observe_feedback(self, event: str, positive: bool) -> None:
+        self.feedback.labels(event, str(positive).lower()).inc()
+
+    def observe_reload(self, outcome: str) -> None:
+        self.reloads.labels(outcome).inc()
 
     def observe_request(self, endpoint: str, source: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, source, str(status)).inc()

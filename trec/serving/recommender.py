@@ -13,6 +13,13 @@ Routes (cold start, :class:`Settings` sets the thresholds):
   what was sent (no stored row);
 - ``popularity``: nothing to personalise with: items by positive training count.
 
+Stages (reported as ``stage``): ``cold`` (the popularity route), ``warm`` (an unknown user with fewer
+than ``hot_history`` catalog items of history), ``hot`` (a known user, or ``hot_history`` items or
+more). With ``rerank_hot`` a hot user's list is re-ranked by the bundle's ranker unless the request
+says ``rerank: false``. ``recommend_many(requests, online)`` takes each user's online history (raw
+item IDs from the online store, oldest first: :mod:`trec.serving.online`), which goes before the
+sent history: a click changes the next answer without retraining.
+
 Unknown items in ``history`` are ignored and counted (``unknown_history`` in the response): a
 client's catalog can run ahead of the model's, and the rest of the history still describes the
 user. ``exclude_seen`` leaves out the user's items of every split (``bundle.seen``) and the items
@@ -35,7 +42,8 @@ from trec.evaluation.served import popular_items, popularity_order
 from trec.serving.bundle import Bundle
 from trec.serving.filters import ItemFilters, RowQuery, SearchStats, search_rows
 from trec.serving.requests import (RecommendedItem, RecommendRequest, RecommendResponse, RequestError, Route,
-                                   check_count, check_flag, check_mapping, check_number, check_raw_id, check_raw_list)
+                                   Stage, check_count, check_flag, check_mapping, check_number, check_raw_id,
+                                   check_raw_list)
 
 _EMPTY = np.zeros(0, np.int64)
 
@@ -49,7 +57,12 @@ class Settings:
     max_history: int = 1000
     """Items a request's history may list."""
     min_history: int = 1
-    """Catalog items of sent history that make an unknown user ``cold_features`` (a user feature does too)."""
+    """Catalog items of history (online + sent) that make an unknown user ``cold_features`` (warm; a user
+    feature does too)."""
+    hot_history: int = 5
+    """Catalog items of history from which an unknown user is ``hot``."""
+    rerank_hot: bool = False
+    """Re-rank hot users' lists with the bundle's ranker when the request does not set ``rerank``."""
     max_fetch: int = 2048
     """Most results a filtered row asks of the index before its exact scan (:func:`fetch_size`)."""
 
@@ -60,6 +73,7 @@ class _Plan:
 
     request: RecommendRequest
     route: Route
+    stage: Stage
     user: RequestUser | None
     """None on the popularity route."""
     excluded: np.ndarray
@@ -117,13 +131,15 @@ class Recommender:
         return self.recommend_many([request])[0]
 
     @torch.no_grad()
-    def recommend_many(self, requests: list[RecommendRequest]) -> list[RecommendResponse]:
+    def recommend_many(self, requests: list[RecommendRequest],
+                       online: list[list[str]] | None = None) -> list[RecommendResponse]:
         """:meth:`recommend` for each request, with one user-tower forward, one index search and one
-        ranker call for all of them. The first bad request raises its RequestError (``position``: its index)."""
+        ranker call for all of them. ``online``: each request's user's online history (raw item IDs,
+        oldest first), or None. The first bad request raises its RequestError (``position``: its index)."""
         plans = []
         for position, request in enumerate(requests):
             try:
-                plans.append(self._plan(request))
+                plans.append(self._plan(request, online[position] if online is not None else ()))
             except RequestError as error:
                 error.position = position
                 raise
@@ -157,33 +173,40 @@ class Recommender:
 
     # ------------------------------------------------------------------------------- planning
 
-    def _plan(self, request: RecommendRequest) -> _Plan:
+    def _plan(self, request: RecommendRequest, online: list[str] = ()) -> _Plan:
         if not isinstance(request, RecommendRequest):
             raise RequestError("request", f"expected a RecommendRequest, got {type(request).__name__}")
         settings, tables = self.settings, self.tables
         raw_user = check_raw_id(request.user_id, "user_id")
         k = check_count(request.k, "k", min(settings.max_k, tables.num_items))
-        rerank_wanted = check_flag(request.rerank, "rerank")
+        rerank_wanted = None if request.rerank is None else check_flag(request.rerank, "rerank")
         candidates = check_count(request.candidates, "candidates", min(settings.max_candidates, tables.num_items))
         if rerank_wanted and self.bundle.ranker is None:
             raise RequestError("rerank", "the bundle has no ranker (export with --ranker-run-dir RANKER)")
         exclude_seen = check_flag(request.exclude_seen, "exclude_seen")
         history, unknown = self._history(request.history)
+        if len(online):  # the store's items go before the sent ones; an item sent again counts once
+            known = [self.items.known(raw) for raw in online]
+            stored = np.array([item for item in known if item is not None], np.int64)
+            history = np.concatenate([stored[~np.isin(stored, history)], history])
         features = self._user_features(request.user_features)
         context = self._context(request.context)
         allowed = self.filters.allowed(request.filters)
         index = self.users.known(raw_user)
         if index is not None and self.personalised[index]:
-            route, user = "known", RequestUser(index, history, features, context)
+            route, stage, user = "known", "hot", RequestUser(index, history, features, context)
         elif len(history) >= max(settings.min_history, 1) or features:
+            stage = "hot" if len(history) >= settings.hot_history else "warm"
             route, user = "cold_features", RequestUser(-1, history, features, context)
         else:
-            route, user = "popularity", None
+            route, stage, user = "popularity", "cold", None
+        if rerank_wanted is None:
+            rerank_wanted = settings.rerank_hot and stage == "hot" and self.bundle.ranker is not None
         excluded = _EMPTY
         if exclude_seen:
             stored = self.bundle.seen.row(index) if index is not None else _EMPTY
             excluded = np.union1d(stored, history).astype(np.int64)
-        return _Plan(request, route, user, excluded, allowed, k, max(candidates, k), rerank_wanted, unknown)
+        return _Plan(request, route, stage, user, excluded, allowed, k, max(candidates, k), rerank_wanted, unknown)
 
     def _history(self, history: object) -> tuple[np.ndarray, int]:
         """(catalog item indices of the sent history, oldest first; how many were not in the catalog)."""
@@ -283,4 +306,5 @@ class Recommender:
                 for rank, (item, score) in enumerate(zip(items.tolist(), scores.tolist()), start=1)]
 
     def _response(self, plan: _Plan, items: np.ndarray, scores: np.ndarray, source: str) -> RecommendResponse:
-        return RecommendResponse(self._items(items, scores), source, self.version, plan.route, plan.unknown_history)
+        return RecommendResponse(self._items(items, scores), source, self.version, plan.route, plan.unknown_history,
+                                 plan.stage)

@@ -11,6 +11,7 @@ from trec.errors import TrecError
 
 Route = Literal["known", "cold_features", "popularity"]
 Source = Literal["two_tower", "two_stage", "popularity"]
+Stage = Literal["cold", "warm", "hot"]
 
 
 class RequestError(TrecError):
@@ -41,8 +42,9 @@ class RecommendRequest:
     """Context features the model trained with; an absent one stays empty, as in evaluation."""
     filters: dict[str, list[str]] | None = None
     """Item categorical / multi-hot feature → allowed raw values (any of them); features are ANDed."""
-    rerank: bool = False
-    """Re-rank ``candidates`` retrieved items with the bundle's ranker (DCN)."""
+    rerank: bool | None = None
+    """Re-rank ``candidates`` retrieved items with the bundle's ranker (DCN); None: only hot users, and only when
+    the recommender's ``rerank_hot`` is set."""
     candidates: int = 100
 
 
@@ -65,6 +67,8 @@ class RecommendResponse:
     route: Route
     unknown_history: int = 0
     """Items of ``history`` not in the catalog (ignored)."""
+    stage: Stage = "cold"
+    """cold (popularity), warm (a few items of history), hot (a known user or a long enough history)."""
 
 
 def _is_int(value: object) -> bool:
