@@ -16,6 +16,7 @@ K8S = REPO / "k8s"
 OVERLAYS = ("cpu", "gpu")
 CPU_IMAGE = "ghcr.io/trec-dev/trec:0.1.0-cpu"
 CUDA_IMAGE = "ghcr.io/trec-dev/trec:0.1.0-cuda"
+REDIS_IMAGE = "redis:7.2-alpine"  # the serving pods' online store (k8s/base/redis.yaml), in every overlay
 TREC_UID = 10001  # the USER of docker/Dockerfile*
 PART_OF = {"app.kubernetes.io/part-of": "trec"}
 
@@ -285,10 +286,10 @@ def test_serving_deployment_serves_an_export_read_only(rendered):
     for name, resources in {"base": build(K8S / "base"), **rendered}.items():
         deployment, pod, container = _serve_container(resources)
         assert container["image"] == CPU_IMAGE, name  # serving needs no GPU, in any overlay
-        env = {e["name"]: e["value"] for e in container["env"]}
+        env = {e["name"]: e.get("value") for e in container["env"]}
         args = " ".join(container["args"]).replace("$(TREC_EXPORT_DIR)", env["TREC_EXPORT_DIR"])
         match = re.fullmatch(r"serve /exports/[\w.-]+ --host 0\.0\.0\.0 --port 8000 "
-                             r"--workers (\d+) --threads (\d+)", args)
+                             r"--workers (\d+) --threads (\d+) --store redis://[\w.-]+:\d+/\d+", args)
         assert match, f"{name}: {args}"
         # In a pod the CPU limit is a quota the process cannot see: threads are set, within the limit.
         workers, threads = map(int, match.groups())
@@ -305,13 +306,17 @@ def test_serving_deployment_serves_an_export_read_only(rendered):
 
 
 def test_serving_args_parse_with_trec_serve():
-    """The container's command line is one `trec serve` accepts (a renamed flag fails here, not in a pod)."""
+    """The container's command line is one `trec serve` accepts and does not refuse (a renamed flag, or
+    --workers 2 without a shared store, fails here, not in a pod)."""
     from trec.cli import build_parser
+    from trec.commands.serve import _check_args
 
     _, _, container = _serve_container(build(K8S / "base"))
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     args = build_parser().parse_args([a.replace("$(TREC_EXPORT_DIR)", env["TREC_EXPORT_DIR"])
                                       for a in container["args"]])
+    _check_args(args)
+    assert args.workers == 1 or args.store.startswith("redis://")  # memory is per process (and per pod)
     assert (args.command, args.bundle, args.host, args.port) == ("serve", env["TREC_EXPORT_DIR"], "0.0.0.0", 8000)
     assert args.workers * args.threads <= float(container["resources"]["limits"]["cpu"])
 
@@ -400,7 +405,7 @@ def test_serving_port_is_open_to_the_namespace_only_and_scraped_at_metrics():
 def test_readme_shows_what_the_serving_deployment_runs():
     section = (REPO / "README.md").read_text().split("## Run on Kubernetes", 1)[1].split("\n## ", 1)[0]
     _, _, container = _serve_container(build(K8S / "base"))
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     command = " ".join(["trec", *container["args"]]).replace("$(TREC_EXPORT_DIR)", env["TREC_EXPORT_DIR"])
     assert command in " ".join(section.split()), command
     service = _find(build(K8S / "base"), "Service", SERVE)
@@ -412,6 +417,130 @@ def test_serving_port_matches_the_image():
     exposed = re.findall(r"^EXPOSE\s+(\d+)", (REPO / "docker" / "Dockerfile").read_text(), flags=re.M)
     _, _, container = _serve_container(build(K8S / "base"))
     assert [str(p["containerPort"]) for p in container["ports"]] == exposed
+
+
+# --- the online store the serving pods share (Redis) ----------------------------------------------
+
+REDIS = "trec-redis"
+
+
+def _redis_container(resources: list[dict]) -> tuple[dict, dict, dict]:
+    deployment = _find(resources, "Deployment", REDIS)
+    (pod,) = pod_specs(deployment)
+    (container,) = pod["containers"]
+    return deployment, pod, container
+
+
+def _memory_bytes(quantity: str) -> int:
+    """``1Gi`` / ``768mb`` (Kubernetes or Redis spelling) -> bytes."""
+    number, unit = re.fullmatch(r"(\d+)([a-zA-Z]*)", quantity).groups()
+    scale = {"": 1, "ki": 2**10, "mi": 2**20, "gi": 2**30, "kb": 2**10, "mb": 2**20, "gb": 2**30}[unit.lower()]
+    return int(number) * scale
+
+
+def test_redis_deployment_service_and_policy_render_in_every_overlay(rendered):
+    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+        deployment, _, container = _redis_container(resources)
+        service = _find(resources, "Service", REDIS)
+        policy = _find(resources, "NetworkPolicy", REDIS)
+        assert deployment["spec"]["replicas"] == 1, name  # two Redis pods behind one Service: two stores
+        assert deployment["spec"]["strategy"] == {"type": "Recreate"}, name
+        assert container["image"] == REDIS_IMAGE, name
+        _, tag = split_image(container["image"])
+        assert tag and tag != "latest", name  # pinned: a rollout does not pull a new major version
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", name
+        assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"], name
+        assert _pod_matches(service["spec"]["selector"], deployment), name
+        (port,) = service["spec"]["ports"]
+        assert port["port"] == 6379 and port["protocol"] == "TCP", name
+        target = next(p for p in container["ports"] if p["name"] == port["targetPort"])
+        assert target["containerPort"] == 6379, name
+        assert policy["spec"]["podSelector"] == {"matchLabels": service["spec"]["selector"]}, name
+
+
+def test_redis_pod_is_restricted_with_guaranteed_resources_and_probes(rendered):
+    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+        _, pod, container = _redis_container(resources)
+        sc = {**pod["securityContext"], **container["securityContext"]}
+        assert sc["runAsNonRoot"] is True and sc["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, name
+        assert sc["capabilities"] == {"drop": ["ALL"]} and not sc.get("privileged"), name
+        assert pod["automountServiceAccountToken"] is False, name
+        empty_dirs = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert mounts.get("/data") in empty_dirs, name  # a read-only root: Redis's working directory
+        assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v], name  # online state only
+        requested = container["resources"]
+        assert requested["requests"] == requested["limits"], name
+        assert {"cpu", "memory"} <= set(requested["limits"]), name
+        args = container["args"]
+        # No persistence (the event log and the bundles are the durable records), and a memory cap
+        # below the container's limit, with an eviction policy instead of refused writes.
+        assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no", name
+        assert _memory_bytes(args[args.index("--maxmemory") + 1]) < _memory_bytes(requested["limits"]["memory"]), name
+        # Only keys with a TTL (histories, served lists) may go: experiment counters have none.
+        assert args[args.index("--maxmemory-policy") + 1] == "volatile-lru", name
+        for kind in ("readinessProbe", "livenessProbe"):
+            probe = container[kind]
+            assert probe.get("exec", {}).get("command") == ["redis-cli", "ping"] or \
+                probe.get("tcpSocket", {}).get("port") in ("redis", 6379), f"{name}: {kind}"
+
+
+def test_serving_store_url_points_at_the_redis_service(rendered):
+    from urllib.parse import urlsplit
+
+    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+        _, _, container = _serve_container(resources)
+        args = container["args"]
+        url = urlsplit(args[args.index("--store") + 1])
+        service = _find(resources, "Service", REDIS)
+        namespace = service["metadata"].get("namespace", "trec")
+        assert url.scheme == "redis", name
+        assert url.hostname in (REDIS, f"{REDIS}.{namespace}", f"{REDIS}.{namespace}.svc",
+                                f"{REDIS}.{namespace}.svc.cluster.local"), name
+        assert url.port == service["spec"]["ports"][0]["port"], name
+        assert url.path.strip("/").isdigit(), name
+
+
+def test_only_the_serving_pods_reach_redis(rendered):
+    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+        serving, _, _ = _serve_container(resources)
+        redis, _, container = _redis_container(resources)
+        service = _find(resources, "Service", REDIS)
+        policy = _find(resources, "NetworkPolicy", REDIS)["spec"]
+        assert policy["policyTypes"] == ["Ingress"], name
+        (rule,) = policy["ingress"]
+        (peer,) = rule["from"]
+        assert set(peer) == {"podSelector"}, name  # no namespaceSelector, no ipBlock
+        assert peer["podSelector"] == {"matchLabels": serving["spec"]["selector"]["matchLabels"]}, name
+        assert _pod_matches(peer["podSelector"]["matchLabels"], serving), name
+        assert not _pod_matches(peer["podSelector"]["matchLabels"], redis), name
+        port = service["spec"]["ports"][0]["targetPort"]
+        assert rule["ports"] == [{"protocol": "TCP", "port": port}], name
+        assert port in {p["name"] for p in container["ports"]} | {p["containerPort"] for p in container["ports"]}
+        # No other policy lets anything else in (the default deny selects every pod and admits nothing).
+        for other in resources:
+            if other["kind"] == "NetworkPolicy" and other["metadata"]["name"] != REDIS:
+                selector = other["spec"]["podSelector"].get("matchLabels", {})
+                if _pod_matches(selector, redis):
+                    assert not other["spec"].get("ingress"), f"{name}: {other['metadata']['name']}"
+        # Were the serving pods' egress ever limited, Redis's port must stay open to them.
+        for other in resources:
+            if other["kind"] == "NetworkPolicy" and "Egress" in other["spec"].get("policyTypes", []) \
+                    and _pod_matches(other["spec"]["podSelector"].get("matchLabels", {}), serving):
+                egress = other["spec"].get("egress", [])
+                assert any(p.get("port") in (6379, port) for e in egress for p in e.get("ports", [])), name
+
+
+def test_serving_admin_token_comes_from_an_optional_secret(rendered):
+    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+        _, _, container = _serve_container(resources)
+        (token,) = [e for e in container["env"] if e["name"] == "TREC_ADMIN_TOKEN"]
+        assert "value" not in token, name  # never a literal in the manifests
+        ref = token["valueFrom"]["secretKeyRef"]
+        assert ref["name"] and ref["key"], name
+        assert ref["optional"] is True, name  # without the Secret pods start and /admin/* answers 403
+        assert not [r for r in resources if r["kind"] == "Secret"], name  # the administrator creates it
 
 
 # --- overlays -------------------------------------------------------------------------------------
@@ -431,7 +560,7 @@ def test_cpu_overlay_has_no_gpu_and_only_the_cpu_image(rendered):
     resources = rendered["cpu"]
     assert "nvidia.com/gpu" not in yaml.safe_dump_all(resources)
     images = {c["image"] for r in resources for c in containers(r)}
-    assert images == {CPU_IMAGE}
+    assert images == {CPU_IMAGE, REDIS_IMAGE}
     for resource in resources:
         for pod in pod_specs(resource):
             assert not pod.get("tolerations") and not pod.get("nodeSelector")
@@ -452,7 +581,7 @@ def test_gpu_overlay_runs_export_on_a_gpu_with_the_cuda_image(rendered):
     for resource in resources:
         for c in containers(resource):
             if resource is not job:
-                assert c["image"] == CPU_IMAGE and "nvidia.com/gpu" not in str(c["resources"])
+                assert c["image"] in (CPU_IMAGE, REDIS_IMAGE) and "nvidia.com/gpu" not in str(c["resources"])
     queue = _find(resources, "Queue", "trec")
     assert queue["spec"]["capability"]["nvidia.com/gpu"] and queue["spec"]["capability"]["cpu"]
     assert "$patch" not in yaml.safe_dump_all(resources)
@@ -472,7 +601,8 @@ def test_torchxconfig_matches_the_manifests():
     assert _find(base, "Queue", cfg["queue"])
     assert _find(base, "Namespace", cfg["namespace"])
     assert _find(base, "ServiceAccount", cfg["service_account"])
-    repos = {split_image(c["image"])[0] for r in build(K8S / "overlays" / "cpu") for c in containers(r)}
+    repos = {split_image(c["image"])[0] for r in build(K8S / "overlays" / "cpu") for c in containers(r)
+             if c["image"] != REDIS_IMAGE}
     assert repos == {cfg["image_repo"]}
 
 

@@ -65,3 +65,16 @@ def test_unreachable_redis_starts_degraded_and_bad_urls_are_one_line():
     for url in ("redis:/nohost", "http://127.0.0.1:1/0", "redis://127.0.0.1:1/zero"):
         with pytest.raises(TrecError, match="--store"):
             open_store(url)
+
+
+def test_redis_histories_expire_and_counters_do_not(redis_server):
+    import redis
+
+    from trec.serving.store import HISTORY_TTL_S
+
+    store = open_store(redis_server.url, timeout_s=0.5)
+    store.append_histories({"u": ["a"]}, max_len=10)
+    store.incr({"exp:ab:control:clicks": 1})
+    client = redis.Redis.from_url(redis_server.url)
+    assert 0 < client.pttl("trec:history:u") <= HISTORY_TTL_S * 1000  # evictable under volatile-lru (k8s)
+    assert client.pttl("trec:count:exp:ab:control:clicks") == -1  # never expires, never evicted

@@ -7,8 +7,9 @@
     store.incr({"exp:ab:control:impressions": 1}); store.counters([...])
     store.put_many({"served:ab:196": ("{...}", 3600)}); store.get(...); store.set_once(key, ttl_s)
 
-Keys are namespaced (``trec:`` by default; ``--store redis://...?prefix=`` is not parsed: pass
-``prefix``) and values are plain strings: JSON where structured, never pickle. Each method is one
+Keys are namespaced (``prefix``, ``trec:`` by default) and values are plain strings: JSON where
+structured, never pickle. In Redis a history expires ``HISTORY_TTL_S`` after its user's last
+positive event; counters never expire. Each method is one
 round trip to Redis (a pipeline), so a micro-batch of requests costs one call, not one per request.
 
 Every call has a timeout (``timeout_s``: the socket's read, write and connect timeouts, no
@@ -30,6 +31,8 @@ from urllib.parse import urlsplit
 from trec.errors import TrecError
 
 MEMORY = "memory"
+HISTORY_TTL_S = 30 * 86400
+"""A Redis history lives this long after its user's last positive event."""
 
 
 class StoreUnavailable(Exception):
@@ -102,13 +105,14 @@ class MemoryStore:
 class RedisStore:
     """The same operations on a Redis server (the redis client; strings in, strings out)."""
 
-    def __init__(self, url: str, timeout_s: float, prefix: str = "trec:") -> None:
+    def __init__(self, url: str, timeout_s: float, prefix: str = "trec:", history_ttl_s: float = HISTORY_TTL_S) -> None:
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
         self.url = url
         self.prefix = prefix
+        self.history_ttl_ms = int(history_ttl_s * 1000)
         # No retries: a slow or dead server costs one timeout, and the breaker (GuardedStore) stops the rest.
         self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                             retry=Retry(NoBackoff(), 0), decode_responses=True)
@@ -130,11 +134,12 @@ class RedisStore:
                 pipe.lrem(key, 0, item)
                 pipe.rpush(key, item)
             pipe.ltrim(key, -max_len, -1)
+            pipe.pexpire(key, self.history_ttl_ms)  # a user gone quiet frees the memory (volatile-lru may too)
             pipe.llen(key)
         results = pipe.execute()
         lengths, position = [], 0
         for items in items_by_user.values():
-            position += 2 * len(items) + 2
+            position += 2 * len(items) + 3
             lengths.append(int(results[position - 1]))
         return lengths
 
