@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections import Counter
 
 import pytest
 from training import run_command, trec_command
 
 from trec.bench.loadgen import drive, drive_async, histogram_means
+from trec.bench.mixed import MEMORY, REDIS, add_ratios, judge_mixed, mixed_sequence
 from trec.bench.serve import BATCHED, SINGLE, add_speedups, judge, parse_levels
 from trec.errors import TrecError
 
 
 class TinyServer:
-    """An HTTP/1.1 keep-alive server: answers each POST with its body after ``delay`` s.
+    """An HTTP/1.1 keep-alive server: answers each POST /recommend or /feedback with its body after ``delay`` s.
 
     A body ``{"fail": N}`` gets status N; ``{"close": true}`` closes the connection without an
     answer; ``chunked`` answers with chunked transfer encoding."""
@@ -25,6 +27,7 @@ class TinyServer:
     def __init__(self, delay: float = 0.0, chunked: bool = False) -> None:
         self.delay, self.chunked = delay, chunked
         self.bodies: list[bytes] = []
+        self.paths: list[bytes] = []
         self.connections = self.in_flight = self.max_in_flight = 0
 
     async def __aenter__(self) -> "TinyServer":
@@ -40,7 +43,9 @@ class TinyServer:
         self.connections += 1
         try:
             while line := await reader.readline():
-                assert line.startswith(b"POST /recommend HTTP/1.1"), line
+                method, path, version = line.split()
+                assert (method, version) == (b"POST", b"HTTP/1.1") and path in (b"/recommend", b"/feedback"), line
+                self.paths.append(path)
                 length = 0
                 while (header := await reader.readline()) != b"\r\n":
                     name, _, value = header.partition(b":")
@@ -72,10 +77,10 @@ def bodies(count: int) -> list[bytes]:
     return [json.dumps({"user_id": str(n), "k": 10}).encode() for n in range(count)]
 
 
-def run_against(server: TinyServer, payloads: list[bytes], concurrency: int, **limit):
+def run_against(server: TinyServer, payloads: list, concurrency: int, path: str | None = "/recommend", **limit):
     async def main():
         async with server:
-            return await drive_async("127.0.0.1", server.port, "/recommend", payloads, concurrency, **limit)
+            return await drive_async("127.0.0.1", server.port, path, payloads, concurrency, **limit)
 
     return asyncio.run(main())
 
@@ -154,3 +159,52 @@ def test_a_short_real_run_writes_its_json(serving_export, tmp_path):
     assert all(r["requests"] > 0 and r["errors"] == 0 and not r["rerank"] for r in report["rows"]), report["rows"]
     assert report["rows"][3]["speedup"] > 0 and "retrieval" in report["verdicts"]
     assert report["machine"] and report["date"] and "micro-batched" in proc.stdout
+
+
+def test_one_run_mixes_paths_with_latencies_per_path():
+    feedback = [("/feedback", json.dumps({"user_id": "1", "item_id": "2", "event": "click"}).encode())]
+    server = TinyServer(delay=0.002)
+    result = run_against(server, bodies(3) + feedback, 2, path="/recommend", requests=40)  # bytes go to path
+    assert Counter(server.paths) == {b"/recommend": 30, b"/feedback": 10} and result.errors == 0
+    assert {path: len(latencies) for path, latencies in result.by_path.items()} == {"/recommend": 30, "/feedback": 10}
+    endpoints = result.summary()["endpoints"]
+    assert endpoints["/feedback"]["requests"] == 10 and endpoints["/recommend"]["p99_ms"] >= 2
+    assert result.percentile(99, "/feedback") >= 2 and math.isnan(result.percentile(99, "/similar"))
+    assert "endpoints" not in run_against(TinyServer(), bodies(2), 1, requests=4).summary()  # one path: as before
+    with pytest.raises(TrecError, match="needs a path"):
+        drive("127.0.0.1", 1, None, bodies(1), 1, requests=1)
+
+
+def test_the_mixed_sequence_and_the_redis_verdict():
+    sequence = mixed_sequence([str(n) for n in range(100)], ["a", "b"], 400, 0.25, 0, 10, 50, False)
+    assert sequence == mixed_sequence([str(n) for n in range(100)], ["a", "b"], 400, 0.25, 0, 10, 50, False)  # seeded
+    kinds = Counter(path for path, _ in sequence)
+    assert 70 <= kinds["/feedback"] <= 130 and kinds["/feedback"] + kinds["/recommend"] == 400
+    events = [json.loads(body) for path, body in sequence if path == "/feedback"]
+    assert {"click", "dislike"} <= {e["event"] for e in events} and {e["item_id"] for e in events} == {"a", "b"}
+    recommended = {json.loads(body)["user_id"] for path, body in sequence if path == "/recommend"}
+    assert {e["user_id"] for e in events} & recommended  # the same users give feedback and are recommended to
+
+    def row(store, concurrency, qps, p99, errors=0):
+        return {"index": "flat", "store": store, "concurrency": concurrency, "qps": qps, "p99_ms": p99, "errors": errors}
+
+    rows = add_ratios([row(MEMORY, 8, 1000, 20), row(MEMORY, 32, 1200, 50), row(REDIS, 8, 800, 23), row(REDIS, 32, 900, 55)])
+    assert [r["vs_memory"] for r in rows] == [None, None, 0.8, 0.75]
+    assert judge_mixed(rows, "")["met"]
+    slower = judge_mixed(rows[:3] + [row(REDIS, 32, 900, 61)], "")  # p99 61 > 1.2 x 50
+    assert not slower["met"] and slower["worst"]["concurrency"] == 32
+    assert not judge_mixed(rows[:3] + [row(REDIS, 32, 700, 40)], "")["met"]  # 700 < 0.7 x 1200
+    assert judge_mixed(rows[:2], "no Redis")["met"] is None
+
+
+def test_a_short_real_mixed_run_against_redis(serving_export, redis_server, tmp_path):
+    out = tmp_path / "mix.json"
+    proc = run_command(trec_command(1, "bench", "serve", "--bundle", serving_export["export"], "--mix", "0.3",
+                                    "--no-rerank", "--concurrency", "4", "--seconds", "1", "--warmup", "0.2",
+                                    "--users", "40", "--threads", "1", "--redis", redis_server.url, "--json", out))
+    rows = json.loads(out.read_text())["mixed_rows"]
+    assert [(r["store"], r["concurrency"]) for r in rows] == [(MEMORY, 4), (REDIS, 4)]
+    for r in rows:
+        assert r["errors"] == 0 and all(r["endpoints"][path]["requests"] > 0 for path in ("/recommend", "/feedback")), r
+    assert rows[1]["vs_memory"] > 0 and "target redis_store: with Redis >= 70%" in proc.stdout
+    assert "one-at-a-time baseline is skipped" in proc.stdout

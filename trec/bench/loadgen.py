@@ -2,10 +2,14 @@
 
     result = drive("127.0.0.1", 8000, "/recommend", bodies, concurrency=32, seconds=5)
     result.qps, result.percentile(99), result.errors
+    mixed = drive("127.0.0.1", 8000, None, [("/recommend", body), ("/feedback", event)], 32, seconds=5)
+    mixed.percentile(99, "/feedback"), mixed.summary()["endpoints"]
 
 ``concurrency`` clients each keep one keep-alive connection and send one POST at a time
 (closed loop: at most ``concurrency`` requests are in flight), cycling through ``bodies`` from
-a shared position, for ``seconds`` or until ``requests`` have been sent. Each answer's latency
+a shared position, for ``seconds`` or until ``requests`` have been sent. A body is bytes (POSTed
+to ``path``) or a ``(path, bytes)`` pair, so one run can mix endpoints; latencies are also kept
+per path. Each answer's latency
 is measured from the first byte written to the last body byte read. A status other than 200, a
 malformed answer or a broken connection counts as an error (the connection is reopened); the
 latencies and the QPS count successful answers only.
@@ -50,6 +54,8 @@ class LoadResult:
     errors: int = 0
     statuses: Counter = field(default_factory=Counter)
     """HTTP status → answers (0: no answer, the connection failed)."""
+    by_path: dict[str, np.ndarray] = field(default_factory=dict)
+    """path → (N_path,) seconds of its successful requests."""
 
     @property
     def completed(self) -> int:
@@ -59,16 +65,26 @@ class LoadResult:
     def qps(self) -> float:
         return self.completed / self.seconds if self.seconds > 0 else 0.0
 
-    def percentile(self, q: float) -> float:
-        """The ``q``-th percentile latency in milliseconds (nan without successful requests)."""
-        return float(np.percentile(self.latencies, q) * 1000) if self.completed else float("nan")
+    def percentile(self, q: float, path: str | None = None) -> float:
+        """The ``q``-th percentile latency in milliseconds, of every request or of ``path``'s (nan without one)."""
+        latencies = self.latencies if path is None else self.by_path.get(path, np.empty(0))
+        return float(np.percentile(latencies, q) * 1000) if len(latencies) else float("nan")
+
+    def endpoint(self, path: str) -> dict:
+        """Requests, QPS (its share of the run's) and p50/p99 of one path."""
+        count = len(self.by_path.get(path, ()))
+        return {"requests": count, "qps": round(count / self.seconds, 1) if self.seconds > 0 else 0.0,
+                "p50_ms": round(self.percentile(50, path), 2), "p99_ms": round(self.percentile(99, path), 2)}
 
     def summary(self) -> dict:
+        """The run's figures; ``endpoints`` (path → :meth:`endpoint`) when it mixed paths."""
+        paths = sorted(self.by_path)
+        mixed = {"endpoints": {path: self.endpoint(path) for path in paths}} if len(paths) > 1 else {}
         return {"concurrency": self.concurrency, "requests": self.completed, "errors": self.errors,
                 "seconds": round(self.seconds, 3), "qps": round(self.qps, 1),
                 "p50_ms": round(self.percentile(50), 2), "p95_ms": round(self.percentile(95), 2),
                 "p99_ms": round(self.percentile(99), 2),
-                "statuses": {str(status): count for status, count in sorted(self.statuses.items())}}
+                "statuses": {str(status): count for status, count in sorted(self.statuses.items())}, **mixed}
 
 
 def post_request(host: str, port: int, path: str, body: bytes) -> bytes:
@@ -112,30 +128,32 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]
 
 
 class _Load:
-    """The shared state of one run: the next body, the stop condition and the tallies."""
+    """The shared state of one run: the next (path, request bytes), the stop condition and the tallies."""
 
-    def __init__(self, payloads: list[bytes], seconds: float | None, requests: int | None) -> None:
+    def __init__(self, payloads: list[tuple[str, bytes]], seconds: float | None, requests: int | None) -> None:
         self.payloads, self.requests = payloads, requests
         self.sent = 0
         self.started = time.perf_counter()
         self.deadline = self.started + seconds if seconds is not None else float("inf")
         self.last = self.started
         self.latencies: list[float] = []
+        self.by_path: dict[str, list[float]] = {}
         self.errors = 0
         self.statuses: Counter = Counter()
 
-    def next_payload(self) -> bytes | None:
+    def next_payload(self) -> tuple[str, bytes] | None:
         if time.perf_counter() >= self.deadline or (self.requests is not None and self.sent >= self.requests):
             return None
         payload = self.payloads[self.sent % len(self.payloads)]
         self.sent += 1
         return payload
 
-    def done(self, status: int, latency: float | None) -> None:
+    def done(self, path: str, status: int, latency: float | None) -> None:
         self.last = time.perf_counter()
         self.statuses[status] += 1
         if status == 200 and latency is not None:
             self.latencies.append(latency)
+            self.by_path.setdefault(path, []).append(latency)
         else:
             self.errors += 1
 
@@ -144,19 +162,20 @@ async def _client(host: str, port: int, load: _Load) -> None:
     """One connection, one request at a time, reconnecting after an error."""
     reader = writer = None
     try:
-        while (payload := load.next_payload()) is not None:
+        while (next_payload := load.next_payload()) is not None:
+            path, payload = next_payload
             try:
                 if writer is None:
                     reader, writer = await asyncio.open_connection(host, port)
                 start = time.perf_counter()
                 writer.write(payload)
                 status, _, keep_alive = await read_response(reader)
-                load.done(status, time.perf_counter() - start)
+                load.done(path, status, time.perf_counter() - start)
                 if not keep_alive:
                     writer.close()
                     reader = writer = None
             except (OSError, ValueError, asyncio.IncompleteReadError):
-                load.done(0, None)
+                load.done(path, 0, None)
                 if writer is not None:
                     writer.close()
                 reader = writer = None
@@ -166,7 +185,18 @@ async def _client(host: str, port: int, load: _Load) -> None:
             writer.close()
 
 
-async def drive_async(host: str, port: int, path: str, bodies: list[bytes], concurrency: int,
+Body = bytes | tuple[str, bytes]
+"""A JSON body for the run's ``path``, or a (path, JSON body) pair."""
+
+
+def _payloads(host: str, port: int, path: str | None, bodies: list[Body]) -> list[tuple[str, bytes]]:
+    pairs = [(path, body) if isinstance(body, bytes) else body for body in bodies]
+    if any(p is None for p, _ in pairs):
+        raise TrecError("the load generator needs a path for a body given without one")
+    return [(p, post_request(host, port, p, body)) for p, body in pairs]
+
+
+async def drive_async(host: str, port: int, path: str | None, bodies: list[Body], concurrency: int,
                       seconds: float | None = None, requests: int | None = None) -> LoadResult:
     """:func:`drive` inside a running event loop."""
     if concurrency < 1:
@@ -175,16 +205,17 @@ async def drive_async(host: str, port: int, path: str, bodies: list[bytes], conc
         raise TrecError("the load generator needs at least one request body")
     if (seconds is None) == (requests is None):
         raise TrecError("give the load generator either a duration (seconds) or a request count")
-    load = _Load([post_request(host, port, path, body) for body in bodies], seconds, requests)
+    load = _Load(_payloads(host, port, path, bodies), seconds, requests)
     await asyncio.gather(*(_client(host, port, load) for _ in range(concurrency)))
     return LoadResult(concurrency, max(load.last - load.started, 1e-9), np.asarray(load.latencies),
-                      load.errors, load.statuses)
+                      load.errors, load.statuses, {p: np.asarray(v) for p, v in load.by_path.items()})
 
 
-def drive(host: str, port: int, path: str, bodies: list[bytes], concurrency: int,
+def drive(host: str, port: int, path: str | None, bodies: list[Body], concurrency: int,
           seconds: float | None = None, requests: int | None = None) -> LoadResult:
-    """POST ``bodies`` (cycled) to ``http://host:port/path`` from ``concurrency`` keep-alive
-    connections for ``seconds`` or ``requests`` requests in all (see the module docstring)."""
+    """POST ``bodies`` (cycled; bytes to ``path``, or (path, bytes) pairs) to ``http://host:port``
+    from ``concurrency`` keep-alive connections for ``seconds`` or ``requests`` requests in all
+    (see the module docstring)."""
     return asyncio.run(drive_async(host, port, path, bodies, concurrency, seconds, requests))
 
 

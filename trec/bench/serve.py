@@ -11,6 +11,12 @@ It reports QPS and p50/p95/p99 latency, the micro-batching speed-up, and the tar
 is missed, where the time goes: the server's own ``/metrics`` histograms and a cProfile of
 ``Recommender.recommend_many`` over one full batch in this process. The server and the load
 generator share this machine's cores, as the issue's targets assume.
+
+``--mix SHARE`` measures a mixed workload instead (``SHARE`` of the requests ``POST /feedback``),
+the micro-batched server with ``--store memory`` against ``--store`` Redis (``--redis auto|off|URL``),
+without the one-at-a-time baseline; the target "with Redis >= 70% of the embedded store's QPS at
+the same p99" is judged per level: Redis QPS >= 0.7 x memory QPS and Redis p99 <= 1.2 x memory p99
+(:mod:`trec.bench.mixed`).
 """
 
 from __future__ import annotations
@@ -54,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="trec serve --threads (0: the server's default)")
     parser.add_argument("--workers", type=int, default=0, help="trec serve --workers (0: the server's default)")
     parser.add_argument("--no-rerank", action="store_true", help="skip the re-ranking measurements")
+    parser.add_argument("--mix", metavar="FEEDBACK_SHARE", type=float, default=None,
+                        help="measure a mixed workload instead: this share of the requests POST /feedback, the rest "
+                             "/recommend, with --store memory and with Redis (default: /recommend only)")
+    parser.add_argument("--redis", default="auto",
+                        help="with --mix: auto (a private redis-server when on PATH), off, or redis://HOST:PORT/DB")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for GET /ready")
 
 
@@ -144,12 +155,12 @@ def server_options(args: argparse.Namespace, batched: bool) -> list[str]:
     return options
 
 
-def first_answer(server: ServerProcess, body: bytes) -> None:
+def first_answer(server: ServerProcess, body: bytes, path: str = "/recommend") -> None:
     """Send one request before the load: a refused one (e.g. 422) stops the benchmark with the server's reason."""
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(f"http://{server.host}:{server.port}/recommend", body,
+    request = urllib.request.Request(f"http://{server.host}:{server.port}{path}", body,
                                      {"Content-Type": "application/json"})
     try:
         urllib.request.urlopen(request, timeout=30).read()
@@ -304,6 +315,11 @@ def check_arguments(args: argparse.Namespace) -> list[int]:
             raise TrecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.seconds > 0 or args.warmup < 0 or args.max_wait_ms < 0:
         raise TrecError("--seconds must be > 0, --warmup and --max-wait-ms >= 0")
+    if args.mix is not None and not 0 < args.mix < 1:
+        raise TrecError(f"--mix: expected a share of /feedback requests between 0 and 1, got {args.mix:g}")
+    from trec.bench.mixed import check_redis_option
+
+    check_redis_option(args.redis)
     return parse_levels(args.concurrency)
 
 
@@ -314,6 +330,8 @@ def run(args: argparse.Namespace) -> int:
     exports = [Path(b) for b in args.bundle] if args.bundle else default_bundles(Path(args.cache), Path(args.ml100k))
     infos = [describe(export) for export in exports]
     print(f"machine: {machine()}; server and load generator (built-in asyncio, {sys.executable}) share it")
+    if args.mix is not None:
+        return run_mixed(exports, infos, levels, args)
     rows, metrics = [], {}
     for export, info in zip(exports, infos):
         bundle_rows, metrics[info["index"]] = bench_bundle(export, info, levels, args)
@@ -341,12 +359,28 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_json(Path(args.json), {
             "date": date.today().isoformat(), "machine": machine(), "bundles": infos,
-            "settings": {"k": args.k, "candidates": args.candidates, "seconds": args.seconds, "warmup": args.warmup,
-                         "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "threads": args.threads,
-                         "workers": args.workers, "users": args.users, "seed": args.seed,
-                         "load_generator": "built-in asyncio (trec.bench.loadgen)"},
-            "targets": TARGETS, "rows": rows, "verdicts": verdicts,
+            "settings": settings(args), "targets": TARGETS, "rows": rows, "verdicts": verdicts,
             "metrics": {index: {name: {"count": c, "mean_s": m} for name, (c, m) in means.items()}
                         for index, means in metrics.items()},
             "profiles": profiles})
+    return 0
+
+
+def settings(args: argparse.Namespace) -> dict:
+    return {"k": args.k, "candidates": args.candidates, "seconds": args.seconds, "warmup": args.warmup,
+            "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "threads": args.threads,
+            "workers": args.workers, "users": args.users, "seed": args.seed, "mix": args.mix,
+            "load_generator": "built-in asyncio (trec.bench.loadgen)"}
+
+
+def run_mixed(exports: list[Path], infos: list[dict], levels: list[int], args: argparse.Namespace) -> int:
+    """``--mix``: the mixed workload, embedded store against Redis (:mod:`trec.bench.mixed`)."""
+    from trec.bench.index import machine
+    from trec.bench import mixed
+
+    rows, verdict = mixed.run_mixed(exports, infos, levels, args)
+    if args.json:
+        atomic_write_json(Path(args.json), {"date": date.today().isoformat(), "machine": machine(), "bundles": infos,
+                                            "settings": settings(args) | {"redis": args.redis}, "mixed_rows": rows,
+                                            "verdicts": {"redis_store": verdict}})
     return 0

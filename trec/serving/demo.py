@@ -1,5 +1,6 @@
 """`python -m trec.serving.demo EXPORT [USER]`: start `trec serve` on a free loopback port, print one
-/recommend answer, stop the server (the last step of `make quickstart`)."""
+/recommend answer, send a like for its first item to /feedback, print the next answer (which reads
+the user's online history), stop the server (the last step of `make quickstart`)."""
 
 from __future__ import annotations
 
@@ -24,19 +25,33 @@ def main(argv: list[str]) -> int:
         if match is None:
             return server.wait() or 1
         print(line.rstrip(), flush=True)
-        body = {"user_id": user, "k": 10}
-        print(f"$ POST {match.group(1)}/recommend {json.dumps(body)}")
-        request = urllib.request.Request(f"{match.group(1)}/recommend", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            answer = json.load(response)
-        print(f"source {answer['source']}, route {answer['route']}, model {answer['model_version']}")
-        for item in answer["items"]:
-            print(f"{item['rank']:>3}. {item['item_id']:>10}  {item['score']:8.4f}  {item['title']}")
+        url = match.group(1)
+        answer = _post(url, "/recommend", {"user_id": user, "k": 10})
+        print(f"source {answer['source']}, route {answer['route']}, stage {answer['stage']}, "
+              f"model {answer['model_version']}")
+        _show(answer)
+        liked = answer["items"][0]["item_id"]
+        feedback = _post(url, "/feedback", {"user_id": user, "item_id": liked, "event": "like"})
+        print(f"label {feedback['label']}, positive {feedback['positive']}, online history "
+              f"{feedback['history_length']} item(s)")
+        print("the next answer reads the online history (the liked item is now seen), no retraining:")
+        _show(_post(url, "/recommend", {"user_id": user, "k": 10}))
         return 0
     finally:
         server.terminate()
         server.wait(30)
+
+
+def _post(url: str, path: str, body: dict) -> dict:
+    print(f"$ POST {url}{path} {json.dumps(body)}", flush=True)
+    request = urllib.request.Request(f"{url}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+def _show(answer: dict) -> None:
+    for item in answer["items"]:
+        print(f"{item['rank']:>3}. {item['item_id']:>10}  {item['score']:8.4f}  {item['title']}")
 
 
 if __name__ == "__main__":
