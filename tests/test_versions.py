@@ -131,20 +131,30 @@ def test_readers_never_see_a_partial_pointer(export, tmp_path):
     assert [p.name for p in root.iterdir() if p.name.startswith(".") and p.name != ".publish.lock"] == []
 
 
-def test_the_cli(export, tmp_path):
+def test_the_cli(export, tmp_path, capsys):
+    """In this process through trec.cli.main (each subprocess would import torch again), and one real exit."""
+    from trec.cli import main
+
     root = tmp_path / "models"
-    trec = lambda *args, check=True: run_command(trec_command(1, "publish", *args), check=check)  # noqa: E731
-    assert trec(export, "--model-root", root).stdout.startswith("published v0001 (bundle ")
-    out = trec(export, "--model-root", root, "--current").stdout.strip()
+
+    def trec(*args) -> tuple[int, str, str]:
+        status = main(["publish", *map(str, args)])
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    assert trec(export, "--model-root", root)[1].startswith("published v0001 (bundle ")
+    out = trec(export, "--model-root", root, "--current")[1].strip()
     assert out.startswith("published v0002 (bundle ") and out.endswith(f" in {root}, current")
-    assert trec("--model-root", root, "--set-current", "v0001").stdout.startswith("current v0001 (bundle ")
-    table = trec("--model-root", root, "--list").stdout.splitlines()
+    assert trec("--model-root", root, "--set-current", "v0001")[1].startswith("current v0001 (bundle ")
+    table = trec("--model-root", root, "--list")[1].splitlines()
     assert table[0].split() == ["name", "bundle", "published"]
     assert [line.split()[:2] for line in table[1:]] == [["*", "v0001"], ["v0002", table[2].split()[1]]]
     for args, message in (((export, "--model-root", root, "--name", "../x"), "'../x' is not a version name"),
-                          (("--model-root", root, "--list", "--set-current", "v1"), "exactly one of EXPORT"),
                           (("--model-root", tmp_path / "none", "--list"), "not a model root")):
-        proc = trec(*args, check=False)
-        assert proc.returncode == 2 and proc.stdout == "", proc.stderr
-        assert proc.stderr.startswith("error: ") and message in proc.stderr and proc.stderr.count("\n") == 1
+        status, out, err = trec(*args)
+        assert status == 2 and out == "", err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    proc = run_command(trec_command(1, "publish", "--model-root", root, "--list", "--set-current", "v1"), check=False)
+    assert proc.returncode == 2 and proc.stdout == "" and "exactly one of EXPORT" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1
     assert sorted(os.listdir(root / "versions")) == ["v0001", "v0002"]
