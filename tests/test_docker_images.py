@@ -176,7 +176,7 @@ def test_cpu_image_can_serve():
     locked = _pins("lock.txt")
     serve = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
     names = {canonicalize_name(Requirement(r).name) for r in serve}
-    assert names == {"fastapi", "uvicorn", "prometheus-client"}
+    assert names == {"fastapi", "uvicorn", "prometheus-client", "redis"}  # redis: the shared online store
     assert names | {"starlette", "click", "h11", "anyio", "pydantic"} <= set(locked)
     final = _stages(DOCKERFILES["cpu"])[-1]
     assert ("EXPOSE", "8000") in final

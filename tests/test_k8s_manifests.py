@@ -271,8 +271,9 @@ def test_export_job_template_exports_a_run_into_the_exports_volume():
 SERVE = "trec-serve"
 
 
-def _serve_container(resources: list[dict]) -> tuple[dict, dict, dict]:
-    deployment = _find(resources, "Deployment", SERVE)
+def _serve_container(resources: list[dict], name: str = SERVE) -> tuple[dict, dict, dict]:
+    """(Deployment, pod spec, its one container) of the Deployment ``name``."""
+    deployment = _find(resources, "Deployment", name)
     (pod,) = pod_specs(deployment)
     (container,) = pod["containers"]
     return deployment, pod, container
@@ -425,10 +426,7 @@ REDIS = "trec-redis"
 
 
 def _redis_container(resources: list[dict]) -> tuple[dict, dict, dict]:
-    deployment = _find(resources, "Deployment", REDIS)
-    (pod,) = pod_specs(deployment)
-    (container,) = pod["containers"]
-    return deployment, pod, container
+    return _serve_container(resources, REDIS)
 
 
 def _memory_bytes(quantity: str) -> int:

@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trec.errors import TrecError
@@ -107,13 +108,14 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     options = options_of(args, threads)
     # Everything that can be refused is refused here, in one line, before the port is bound.
-    Bundle.load(args.bundle or current_path(args.model_root))
+    first = Path(args.bundle) if args.bundle else current_path(args.model_root)
+    Bundle.load(first)
     open_store(options.store).close()
     if options.experiments:
         from trec.serving.experiments import load_experiments
 
         load_experiments(options.experiments)
-    options = dataclasses.replace(options, verify=False)  # verified once, above
+    options = dataclasses.replace(options, verified=str(first))  # not hashed again by the server
     sock = _bind(args.host, args.port)
     quiet = {"log_level": "warning", "access_log": False, "timeout_graceful_shutdown": 5}
     shown = args.model_root or args.bundle

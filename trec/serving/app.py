@@ -171,7 +171,11 @@ def _add_routes(app: FastAPI, state: _State, admin_token: str) -> None:
         if not state.ready:
             return _not_ready(state)
         lane = deployment.lane_set.default
-        items = await lane.batcher.call(lane.recommender.similar_items, item_id, k)
+        lane.active += 1
+        try:
+            items = await lane.batcher.call(lane.recommender.similar_items, item_id, k)
+        finally:
+            lane.active -= 1
         return json_response({"item_id": item_id, "items": [asdict(item) for item in items],
                               "model_version": lane.recommender.version})
 

@@ -66,7 +66,9 @@ class ServeOptions:
     """A YAML file of one experiment whose arms are versions of ``model_root``."""
     watch_s: float = 0.0
     """Poll the model root's CURRENT pointer every this many seconds (0: only POST /admin/reload)."""
-    verify: bool = True
+    verified: str | None = None
+    """The version path whose checksums `trec serve` verified before binding its port (loaded without
+    re-hashing); every other version, and every reload, is verified when loaded."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -148,10 +150,9 @@ class Deployment:
     async def _lane(self, name: str, reuse: dict[str, Lane]) -> Lane:
         if name in reuse:
             return reuse[name]
-        options = self.options
-        # `trec serve` verified the first version before binding its port; what a reload brings is verified here.
-        verify = options.verify or self.lane_set is not None
-        recommender = await asyncio.to_thread(Recommender.load, self._path(name), options.settings, verify=verify)
+        options, path = self.options, self._path(name)
+        verify = self.lane_set is not None or str(path) != options.verified
+        recommender = await asyncio.to_thread(Recommender.load, path, options.settings, verify=verify)
         recommender.bundle.index = TimedIndex(recommender.bundle.index, self.metrics)
         lane_online = self._online(recommender)
         batcher = MicroBatcher(lambda requests: lane_online.recommend_many(recommender, requests), options.max_batch,
