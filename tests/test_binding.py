@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training import error_line, run_command, tiny_train_command, trec_command
+from training import run_command, tiny_train_command, trec_command
 
 from trec.data import PreparedDataset
 from trec.distributed import DistContext
@@ -26,6 +26,18 @@ pytestmark = [pytest.mark.slow]
 
 def trec(*args, check: bool = True):
     return run_command(trec_command(1, *args), check, timeout=600)
+
+
+def refusal(capsys, *args) -> str:
+    """The one error line of ``trec ARGS`` run in this process (trec.cli.main: exit status 2); a refusal comes
+    before any model or process group is built, so a subprocess (importing torch again) would only add time."""
+    from trec.cli import main
+
+    status = main([str(arg) for arg in args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert status == 2 and len(lines) == 1, err
+    return lines[0]
 
 
 def prepare(ml100k: Path, out: Path, seed: int, *extra: str) -> None:
@@ -43,7 +55,7 @@ def test_fingerprint_changes_with_the_split_and_not_with_the_path(ml100k, ml100k
     assert dataset_fingerprint(PreparedDataset.open(tmp_path / "seed7")) != ours
 
 
-def test_a_dataset_prepared_again_with_another_seed_is_refused_everywhere(ml100k, ml100k_prepared, tmp_path):
+def test_a_dataset_prepared_again_with_another_seed_is_refused_everywhere(ml100k, ml100k_prepared, tmp_path, capsys):
     data, run_dir, export = tmp_path / "data", tmp_path / "run", tmp_path / "export"
     shutil.copytree(ml100k_prepared, data)
     run_command(tiny_train_command(run_dir, data, 2))
@@ -62,7 +74,7 @@ def test_a_dataset_prepared_again_with_another_seed_is_refused_everywhere(ml100k
         "train": tiny_train_command(run_dir, data, 4)[3:],  # resuming it on the new split (after "python -m trec")
     }
     for name, args in commands.items():
-        line = error_line(trec(*args, check=False))
+        line = refusal(capsys, *args)
         assert f"fingerprint {bound}" in line and f"fingerprint {now}" in line and str(data) in line, (name, line)
     assert not (tmp_path / "export2").exists()
 
@@ -74,7 +86,7 @@ def test_a_dataset_prepared_again_with_another_seed_is_refused_everywhere(ml100k
         load_run(run_dir, PreparedDataset.open(data), ctx)
 
 
-def test_an_index_of_another_run_or_checkpoint_is_refused(ml100k_prepared, tmp_path):
+def test_an_index_of_another_run_or_checkpoint_is_refused(ml100k_prepared, tmp_path, capsys):
     run_a, run_b, export = tmp_path / "a", tmp_path / "b", tmp_path / "export"
     run_command(tiny_train_command(run_a, ml100k_prepared, 2))
     trec("export", "--run-dir", run_a, "--out", export)
@@ -88,13 +100,13 @@ def test_an_index_of_another_run_or_checkpoint_is_refused(ml100k_prepared, tmp_p
     other = json.loads((run_b / "run.json").read_text())["run_id"]
     for args in (["search", "--index", export, "--run-dir", run_b, "--user", "1"],
                  ["evaluate", "--run-dir", run_b, "--index", export]):
-        line = error_line(trec(*args, check=False))
+        line = refusal(capsys, *args)
         assert f"ID {short(record['run_id'])}" in line and f"ID {short(other)}" in line and str(run_b) in line
 
     # The same run, trained further: the index holds the vectors of an older checkpoint.
     shutil.copytree(run_a, tmp_path / "a2")
     run_command(tiny_train_command(tmp_path / "a2", ml100k_prepared, 4))
-    line = error_line(trec("search", "--index", export, "--run-dir", tmp_path / "a2", "--user", "1", check=False))
+    line = refusal(capsys, "search", "--index", export, "--run-dir", tmp_path / "a2", "--user", "1")
     assert "checkpoint step-2 at step 2" in line and "step-4 at step 4" in line
 
     # Two-stage retrieval through the index checks the retriever the same way.
