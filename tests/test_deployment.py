@@ -66,6 +66,7 @@ def test_reload_under_load_fails_no_request(model_root):
         assert len(outcomes) > 50
         assert metric(server, "trec_reloads", "trec_reloads_total", outcome="done") == 1
         assert metric(server, "trec_model_info", "trec_model_info", name="v0002", current="True") == 1
+        assert metric(server, "trec_model_info", "trec_model_info", name="v0001") == 0  # retired
 
         broken = model_root / "versions" / "v0003"  # a hand-made version whose weights changed after export
         shutil.copytree(model_root / "versions" / "v0002", broken)

@@ -1,4 +1,4 @@
-"""`trec bench {data,train,index,serve}`: benchmarks that print ratios against a baseline run alongside.
+"""`trec bench {data,train,index,serve,quality}`: benchmarks that print ratios against a baseline run alongside.
 
 Each benchmark lives in :mod:`trec.bench` (``add_arguments`` + ``run``); this module only wires
 them under ``trec bench``. Every one accepts ``--json PATH`` to write its figures.
@@ -14,11 +14,12 @@ _BENCHMARKS = {
     "train": "sharded two-tower training samples/s vs plain-PyTorch embedding baselines",
     "index": "FAISS index kinds: build time, queries/s and recall@10 vs exact search",
     "serve": "trec serve under load: QPS and p50/p95/p99, micro-batched vs one request at a time",
+    "quality": "test precision/recall/NDCG/MAP@10 and coverage of popularity, EASE, mf, two-tower, two-stage",
 }
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks (data, train, index, serve)")
+    parser = subparsers.add_parser("bench", help="benchmarks (data, train, index, serve, quality)")
     actions = parser.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     for name, help_text in _BENCHMARKS.items():
         sub = actions.add_parser(name, help=help_text, description=help_text)

@@ -5,7 +5,7 @@
     trec_batch_size                                      requests per micro-batch (one recommend_many call)
     trec_batch_seconds                                   time of a micro-batch in the worker thread
     trec_index_search_seconds                            time of one FAISS search (every shard, one call)
-    trec_model_info{name, version, retriever, ranker, index, current}   1 for each loaded version
+    trec_model_info{name, version, retriever, ranker, index, current}   1 for each loaded version (0: retired)
     trec_store_up                                        1 while the online store answers, 0 while degraded
     trec_feedback_total{event, positive}                 feedback events accepted
     trec_reloads_total{outcome}                          version reloads: started, done, failed
@@ -57,15 +57,24 @@ class ServingMetrics:
         self.feedback = Counter("trec_feedback", "Feedback events accepted", ["event", "positive"],
                                 registry=self.registry)
         self.reloads = Counter("trec_reloads", "Version reloads", ["outcome"], registry=self.registry)
+        self._model_labels: set[tuple[str, ...]] = set()
 
     def set_models(self, loaded: list[tuple[str, object]], current: str) -> None:
         """``loaded``: (name, Recommender) of every loaded version; the previous set is replaced."""
-        self.model_info.clear()
+        labels = set()
         for name, recommender in loaded:
             bundle = recommender.bundle
             ranker = bundle.manifest.get("ranker") or {}
-            self.model_info.labels(name, recommender.version, bundle.manifest["retriever"]["model"],
-                                   ranker.get("model", ""), bundle.index.index_kind, str(name == current)).set(1)
+            labels.add((name, recommender.version, bundle.manifest["retriever"]["model"], ranker.get("model", ""),
+                        bundle.index.index_kind, str(name == current)))
+        for gone in self._model_labels - labels:
+            if MULTIPROCESS_DIR in os.environ:  # a worker's file keeps every series it wrote: say 0, not loaded
+                self.model_info.labels(*gone).set(0)
+            else:
+                self.model_info.remove(*gone)
+        for series in labels:
+            self.model_info.labels(*series).set(1)
+        self._model_labels = labels
 
     def set_store_up(self, up: bool) -> None:
         self.store_up.set(1 if up else 0)

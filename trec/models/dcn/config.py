@@ -19,6 +19,11 @@ class CrossStructure(Choice):
     parallel = "parallel"
 
 
+class RankingLoss(Choice):
+    pointwise = "pointwise"
+    pairwise = "pairwise"
+
+
 @dataclass
 class DCNConfig:
     interaction: Interaction = Interaction.dcn
@@ -45,6 +50,10 @@ class DCNConfig:
     wide_cross_buckets: int = 0
     """Columns of the wide table; 0 = one per item (exact: I^2 weights, for catalogs up to ~20k
     items), else history items share columns by index modulo this (for large catalogs)."""
+    loss: RankingLoss = RankingLoss.pointwise
+    """Click loss: pointwise (BCE over every row) or pairwise (RankNet/BPR: mean softplus(s_n - s_p)
+    over every (positive, negative) pair of rows of one user in the batch; users without both
+    add nothing). Pairwise logits are not calibrated: log loss and calibration lose their meaning."""
     rating_weight: float = 0.0
     """Weight α of the rating head's loss (MSE on positives): L = L_click + α·L_rating; 0 = no
     rating head. Needs a dataset with ratings."""

@@ -18,7 +18,8 @@ user's history (:class:`WideCross`, another sharded table) to the click logit. T
 task (:class:`RankingTask`) samples negatives per positive (:class:`~trec.negatives.RankingNegativeSampler`,
 uniform and, from a trained two-tower, hard) and trains ``L = BCE(click) + α·MSE(rating | positives)``,
 where click = 1 for a positive row (label >= data.positive_threshold) and 0 for a labelled
-non-positive row or a sampled negative.
+non-positive row or a sampled negative; with ``loss: pairwise`` the BCE becomes a RankNet/BPR
+loss over each user's (positive, negative) row pairs (:func:`pairwise_click_loss`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from trec.data import FeatureSpec, PreparedDataset, RecBatch, parquet_errors
 from trec.errors import TrecError
 from trec.evaluation.candidates import load_or_mine_hard_candidates
 from trec.evaluation.ranking import evaluate_ranking
-from trec.models.dcn.config import CrossStructure, DCNConfig, Interaction
+from trec.models.dcn.config import CrossStructure, DCNConfig, Interaction, RankingLoss
 from trec.models.modules import check_table_overrides, embedding_bag_collection, embedding_tables
 from trec.models.spec import EvaluationRequest, SetupContext
 from trec.negatives import RankingNegativeSampler
@@ -256,7 +257,8 @@ class RankingTask(nn.Module):
     full (user, item) rows whose labels the sampler turned into click targets: 1 (positive), 0
     (a labelled non-positive row or a sampled negative), or -1 (the sampled rows of a
     non-positive row: padding, weight 0). ``L = BCE(click) + α · MSE(rating)``, the BCE a mean
-    over the rows of weight 1, the MSE over the positive rows only (negatives have no rating).
+    over the rows of weight 1 (or, with ``loss: pairwise``, :func:`pairwise_click_loss`), the MSE
+    over the positive rows only (negatives have no rating).
     """
 
     def __init__(self, model: ModelConfig, dcn: DCNConfig, dataset: PreparedDataset) -> None:
@@ -277,11 +279,16 @@ class RankingTask(nn.Module):
 
     def forward(self, batch: RecBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits, ratings = self.model(batch)
-        # No branch on the data (the pipeline traces this forward): padding rows (-1) weigh 0.
-        counted = (batch.labels >= 0).to(logits.dtype)
-        per_row = F.binary_cross_entropy_with_logits(logits, batch.labels.clamp_min(0.0), reduction="none")
-        click_loss = (per_row * counted).sum() / counted.sum().clamp_min(1.0)
-        loss, outputs = click_loss, {"click_loss": click_loss.detach()}
+        if self.cfg.loss == RankingLoss.pairwise:  # a config branch, not a data one
+            users = batch.sparse_features[L.USER_ID].values()  # every ranker row has exactly one user
+            loss, pairs = pairwise_click_loss(logits, batch.labels, users)
+            outputs = {"pairwise_loss": loss.detach(), "pairs": pairs}
+        else:
+            # No branch on the data (the pipeline traces this forward): padding rows (-1) weigh 0.
+            counted = (batch.labels >= 0).to(logits.dtype)
+            per_row = F.binary_cross_entropy_with_logits(logits, batch.labels.clamp_min(0.0), reduction="none")
+            click_loss = (per_row * counted).sum() / counted.sum().clamp_min(1.0)
+            loss, outputs = click_loss, {"click_loss": click_loss.detach()}
         if ratings is not None:
             # No branch on the data (the pipeline traces this forward): weight by "is positive".
             positive = (batch.labels > 0).float()
@@ -290,6 +297,32 @@ class RankingTask(nn.Module):
             outputs["rating_loss"] = rating_loss.detach()
         outputs["loss"] = loss.detach()
         return loss, outputs
+
+
+def pairwise_click_loss(logits: torch.Tensor, clicks: torch.Tensor,
+                        users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RankNet/BPR over the batch: mean softplus(s_n - s_p) over every pair of a positive row p
+    (click 1) and a negative row n (click 0) of one user; padding rows (-1) and users without
+    both kinds add nothing. logits, clicks, users: (R,). Returns (loss, number of pairs), 0-d.
+
+    All pairs, no cap: a user holds few rows of a shuffled batch (k negatives per positive, so
+    about k X m^2 pairs for m positives), and pairs are built from each user's run of negatives
+    after a sort (O(R log R + pairs) memory, never an R X R mask).
+    """
+    negative = clicks == 0
+    neg_users, order = torch.sort(users[negative], stable=True)
+    neg_logits = logits[negative][order]
+    positive = clicks > 0
+    pos_users, pos_logits = users[positive], logits[positive]
+    # Each positive's user's negatives are neg_logits[start:end]; one pair per (positive, negative).
+    start = torch.searchsorted(neg_users, pos_users)
+    counts = torch.searchsorted(neg_users, pos_users, right=True) - start
+    owner = torch.repeat_interleave(torch.arange(pos_users.shape[0], device=logits.device), counts)
+    first_pair = torch.cumsum(counts, 0) - counts
+    within = torch.arange(owner.shape[0], device=logits.device) - first_pair[owner]
+    margins = neg_logits[start[owner] + within] - pos_logits[owner]
+    pairs = torch.ones_like(margins).sum()  # not len(): the pipeline fx-traces this forward
+    return F.softplus(margins).sum() / pairs.clamp_min(1.0), pairs
 
 
 def mean_train_rating(dataset: PreparedDataset) -> float:

@@ -1,0 +1,223 @@
+"""`trec bench quality`: recommendation quality of trec's models beside strong baselines, one split each.
+
+For each split seed, on one prepared dataset (``--data``, or ML-100K prepared here with the
+benchmark protocol: stratified, test fraction 0.25, no val split), every method is scored on the
+test split by trec's one evaluation code (same exclusions: the user's train items; same
+:class:`~trec.metrics.RankingAccumulator`):
+
+- **popularity**: items by positive training count (the ``popularity/`` keys of the EASE pass);
+- **ease**: the closed-form item-item model, λ chosen on a validation set carved from train
+  (:mod:`trec.evaluation.ease`), fit and scored in this process;
+- **mf**, **two_tower**: ``trec train`` of configs/movielens_mf.yaml / movielens_two_tower.yaml in a
+  subprocess (one process, no torchrun), which ends with the test evaluation into RUN/metrics.json;
+- **two_stage**: the two-tower run retrieves, ``trec train`` of configs/movielens_dcn.yaml re-ranks
+  (``trec evaluate --run-dir TT --ranker-run-dir DCN``, the ``two_stage/`` keys).
+
+Training seconds: ``train_seconds`` of metrics.json (two-stage: the two-tower's plus the ranker's);
+EASE's is its λ search and refit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from trec.errors import TrecError
+from trec.io import atomic_write_json
+
+REPO = Path(__file__).resolve().parents[2]
+ML100K = REPO.parent / "shared" / "datasets" / "ml-100k"
+METHODS = ("popularity", "ease", "mf", "two_tower", "two_stage")
+CONFIGS = {"mf": "configs/movielens_mf.yaml", "two_tower": "configs/movielens_two_tower.yaml",
+           "dcn": "configs/movielens_dcn.yaml"}
+COLUMNS = ("precision@10", "recall@10", "ndcg@10", "map@10", "coverage@10")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", metavar="DIR",
+                        help="a prepared dataset (default: ML-100K prepared per seed under --cache)")
+    parser.add_argument("--source", metavar="DIR", default=str(ML100K),
+                        help="MovieLens files to prepare when --data is not given (default ../shared/datasets/ml-100k)")
+    parser.add_argument("--cache", metavar="DIR", default="data/bench-quality",
+                        help="where each seed's split is prepared and reused (default data/bench-quality)")
+    parser.add_argument("--seeds", default="42",
+                        help="comma-separated split seeds (default 42); with --data they seed training and "
+                        "EASE's validation set only")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--runs", metavar="DIR",
+                        help="keep the training runs here (default: a temporary directory, removed at the end)")
+    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every trained method, e.g. training.max_steps=100 (repeatable)")
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise TrecError(f"--methods: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise TrecError(f"--seeds: expected comma-separated integers, got {text!r}")
+    return seeds
+
+
+def prepared_split(args: argparse.Namespace, seed: int) -> Path:
+    """--data, or the ML-100K split of ``seed`` (prepared under --cache once, then reused)."""
+    if args.data:
+        return Path(args.data)
+    out = Path(args.cache) / f"ml100k-stratified-0.25-seed{seed}"
+    if (out / "manifest.json").is_file():
+        return out
+    if not (Path(args.source) / "u.data").is_file():
+        raise TrecError(f"--source {args.source}: no MovieLens 100K u.data there; pass --source or --data DIR")
+    from data_pipeline.prepare import prepare_dataset
+    from data_pipeline.sources.movielens import MovieLensSource
+    from trec.config import PrepareConfig
+
+    print(f"preparing ML-100K, stratified 0.25, seed {seed}, in {out} (reused next time)", flush=True)
+    prepare_dataset(MovieLensSource(str(args.source)), out, PrepareConfig(test_fraction=0.25, seed=seed),
+                    overwrite=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# methods
+# --------------------------------------------------------------------------------------------
+
+
+def baselines(data: Path, seed: int) -> dict[str, dict]:
+    """Popularity and EASE, in this process: {method: metrics with train_seconds}."""
+    import torch
+
+    from trec.config import DataConfig, EvaluationConfig
+    from trec.data import PreparedDataset
+    from trec.distributed import DistContext
+    from trec.evaluation.ease import evaluate_ease
+    from trec.evaluation.protocol import excluded_splits
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=device, backend="gloo")
+    data_cfg = DataConfig()
+    dataset = PreparedDataset.open(data, positive_threshold=data_cfg.positive_threshold)
+    started = time.perf_counter()
+    metrics = evaluate_ease(dataset, "test", excluded_splits(dataset, "test"), EvaluationConfig(ks=[10]), data_cfg,
+                            ctx, seed)
+    seconds = time.perf_counter() - started
+    ease = {k: v for k, v in metrics.items() if not k.startswith("popularity/")} | {"train_seconds": seconds}
+    popularity = {k.removeprefix("popularity/"): v for k, v in metrics.items() if k.startswith("popularity/")}
+    return {"ease": ease, "popularity": popularity | {"train_seconds": 0.0}}
+
+
+def trec_cli(*args: object) -> None:
+    """``python -m trec ARGS`` in a subprocess; a failure stops the benchmark with its output's tail."""
+    command = [sys.executable, "-m", "trec", *map(str, args)]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+        raise TrecError(f"{' '.join(command)} failed ({proc.returncode}):\n" + "\n".join(tail))
+
+
+def train_run(model: str, data: Path, runs: Path, seed: int, overrides: list[str]) -> tuple[Path, dict]:
+    """``trec train`` of ``model``'s config (one process), unless the run finished before (the two-tower
+    serves both two_tower and two_stage); (run dir, its metrics.json)."""
+    run_dir = (runs / f"seed{seed}" / model).resolve()
+    if not (run_dir / "metrics.json").is_file():
+        trec_cli("train", "--config", REPO / CONFIGS[model], "--data", Path(data).resolve(), "--run-dir", run_dir,
+                 f"training.seed={seed}", *overrides)
+    return run_dir, json.loads((run_dir / "metrics.json").read_text())
+
+
+def trained(method: str, data: Path, runs: Path, seed: int, overrides: list[str]) -> dict:
+    """Test metrics of mf, two_tower or two_stage (keys as for a retriever, plus train_seconds)."""
+    if method != "two_stage":
+        return train_run(method, data, runs, seed, overrides)[1]
+    tt_dir, tt = train_run("two_tower", data, runs, seed, overrides)
+    dcn_dir, _ = train_run("dcn", data, runs, seed, overrides)
+    trec_cli("evaluate", "--run-dir", tt_dir, "--ranker-run-dir", dcn_dir)
+    metrics = json.loads((dcn_dir / "metrics.json").read_text())
+    two_stage = {k.removeprefix("two_stage/"): v for k, v in metrics.items() if k.startswith("two_stage/")}
+    return two_stage | {"train_seconds": tt["train_seconds"] + metrics["train_seconds"]}
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+
+def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
+    """Per method, mean and (over several seeds) sample std of each column and of train_seconds."""
+    summary = []
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        entry = {"method": method, "seeds": len(mine)}
+        for column in (*COLUMNS, "train_seconds"):
+            values = [r[column] for r in mine]
+            entry[column] = {"mean": statistics.fmean(values),
+                             "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        summary.append(entry)
+    return summary
+
+
+def format_table(summary: list[dict]) -> str:
+    several = any(entry["seeds"] > 1 for entry in summary)
+    width = 17 if several else 9
+    header = f"{'method':<12}" + "".join(f" {c:>{width}}" for c in (*COLUMNS, "train s"))
+    lines = [header, "-" * len(header)]
+    for entry in summary:
+        cells = []
+        for column in (*COLUMNS, "train_seconds"):
+            mean, std = entry[column]["mean"], entry[column]["std"]
+            digits = 1 if column == "train_seconds" else 4
+            cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}" if several else f"{mean:.{digits}f}")
+        lines.append(f"{entry['method']:<12}" + "".join(f" {c:>{width}}" for c in cells))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from trec.bench.index import machine
+
+    methods, seeds = parse_methods(args.methods), parse_seeds(args.seeds)
+    with tempfile.TemporaryDirectory(prefix="trec-bench-quality-") as scratch:
+        runs = Path(args.runs) if args.runs else Path(scratch)
+        rows = []
+        for seed in seeds:
+            data = prepared_split(args, seed)
+            results = baselines(data, seed) if {"popularity", "ease"} & set(methods) else {}
+            for method in methods:
+                if method not in results:
+                    print(f"seed {seed}: training {method} ...", flush=True)
+                    results[method] = trained(method, data, runs, seed, list(args.set_overrides))
+                row = {"seed": seed, "method": method, "data": str(Path(data).resolve())}
+                row |= {c: float(results[method][c]) for c in (*COLUMNS, "train_seconds")}
+                if method == "ease":
+                    row["lambda"] = results[method]["lambda"]
+                rows.append(row)
+                print(f"seed {seed}: {method} ndcg@10 {row['ndcg@10']:.4f} ({row['train_seconds']:.1f} s)", flush=True)
+    summary = summarise(rows, methods)
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"\ntest split, K=10, {len(seeds)} seed(s) {','.join(map(str, seeds))}"
+          f"{' (mean ± std)' if len(seeds) > 1 else ''}; {machine()}, {when}")
+    print(format_table(summary))
+    if args.json:
+        protocol = ({"data": str(Path(args.data).resolve())} if args.data else
+                    {"source": str(Path(args.source).resolve()), "split": "stratified", "test_fraction": 0.25,
+                     "val_split": False})
+        atomic_write_json(Path(args.json), {"benchmark": "quality", "machine": machine(), "date": when,
+                                            "protocol": protocol, "seeds": seeds, "methods": methods,
+                                            "runs": rows, "summary": summary})
+        print(f"wrote {args.json}")
+    return 0
