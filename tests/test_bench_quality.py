@@ -99,3 +99,20 @@ def test_bench_quality_popularity_and_ease(run_trec, tmp_path):
     assert rows["ease"]["ndcg@10"] > rows["popularity"]["ndcg@10"]
     assert rows["ease"]["coverage@10"] > rows["popularity"]["coverage@10"]
     assert [entry["method"] for entry in report["summary"]] == ["popularity", "ease"]
+
+
+def test_leave_last_one_out_reports_the_hit_rate_and_refuses_other_splits(run_trec, tmp_path, capsys):
+    from trec.cli import main
+
+    loo, stratified, out = tmp_path / "loo", tmp_path / "stratified", tmp_path / "loo.json"
+    for data, split in ((loo, ["--split", "leave-last-n", "--last-n", "1"]), (stratified, [])):
+        run_trec("data", "prepare", "synthetic", "--out", data, "--users", "150", "--items", "100",
+                 "--interactions", "4000", "--quiet", *split)
+    assert main(["bench", "quality", "--data", str(loo), "--protocol", "leave-last-one-out", "--methods",
+                 "popularity,ease", "--json", str(out)]) == 0
+    assert "recall@10 = hit rate@10" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["runs"]
+    assert all(row["hit_rate@10"] == row["recall@10"] for row in rows) and len(rows) == 2
+    assert main(["bench", "quality", "--data", str(stratified), "--protocol", "leave-last-one-out", "--methods",
+                 "popularity"]) == 2
+    assert "needs one test item per user" in capsys.readouterr().err

@@ -38,6 +38,7 @@ METHODS = ("popularity", "ease", "mf", "two_tower", "two_stage")
 CONFIGS = {"mf": "configs/movielens_mf.yaml", "two_tower": "configs/movielens_two_tower.yaml",
            "dcn": "configs/movielens_dcn.yaml"}
 COLUMNS = ("precision@10", "recall@10", "ndcg@10", "map@10", "coverage@10")
+PROTOCOLS = ("stratified", "leave-last-one-out")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MovieLens files to prepare when --data is not given (default ../shared/datasets/ml-100k)")
     parser.add_argument("--cache", metavar="DIR", default="data/bench-quality",
                         help="where each seed's split is prepared and reused (default data/bench-quality)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="stratified",
+                        help="stratified (default: test fraction 0.25 per user, seeded) or leave-last-one-out (each "
+                        "user's last interaction by time is the test item: hit rate and NDCG@10 over the full catalog)")
     parser.add_argument("--seeds", default="42",
                         help="comma-separated split seeds (default 42); with --data they seed training and "
                         "EASE's validation set only")
@@ -79,7 +83,8 @@ def prepared_split(args: argparse.Namespace, seed: int) -> Path:
     """--data, or the ML-100K split of ``seed`` (prepared under --cache once, then reused)."""
     if args.data:
         return Path(args.data)
-    out = Path(args.cache) / f"ml100k-stratified-0.25-seed{seed}"
+    loo = args.protocol == "leave-last-one-out"
+    out = Path(args.cache) / (f"ml100k-leave-last-one-out-seed{seed}" if loo else f"ml100k-stratified-0.25-seed{seed}")
     if (out / "manifest.json").is_file():
         return out
     if not (Path(args.source) / "u.data").is_file():
@@ -88,10 +93,22 @@ def prepared_split(args: argparse.Namespace, seed: int) -> Path:
     from data_pipeline.sources.movielens import MovieLensSource
     from trec.config import PrepareConfig
 
-    print(f"preparing ML-100K, stratified 0.25, seed {seed}, in {out} (reused next time)", flush=True)
-    prepare_dataset(MovieLensSource(str(args.source)), out, PrepareConfig(test_fraction=0.25, seed=seed),
-                    overwrite=True)
+    print(f"preparing ML-100K, {args.protocol}, seed {seed}, in {out} (reused next time)", flush=True)
+    options = PrepareConfig(split="leave-last-n", last_n=1, seed=seed) if loo else \
+        PrepareConfig(test_fraction=0.25, seed=seed)
+    prepare_dataset(MovieLensSource(str(args.source)), out, options, overwrite=True)
     return out
+
+
+def check_one_test_item(data: Path) -> None:
+    """Leave-last-one-out reports recall@10 as the hit rate: true only when every evaluated user has exactly one
+    positive test item; anything else is refused, never mislabelled."""
+    from trec.data import PreparedDataset
+
+    lengths = PreparedDataset.open(data).user_items(["test"], positives=True).lengths
+    if (lengths > 1).any():
+        raise TrecError(f"{data}: leave-last-one-out needs one test item per user, but {int((lengths > 1).sum())} "
+                        f"users have up to {int(lengths.max())}; prepare it with --split leave-last-n --last-n 1")
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,6 +213,8 @@ def run(args: argparse.Namespace) -> int:
         rows = []
         for seed in seeds:
             data = prepared_split(args, seed)
+            if args.protocol == "leave-last-one-out":
+                check_one_test_item(data)
             results = baselines(data, seed) if {"popularity", "ease"} & set(methods) else {}
             for method in methods:
                 if method not in results:
@@ -203,18 +222,22 @@ def run(args: argparse.Namespace) -> int:
                     results[method] = trained(method, data, runs, seed, list(args.set_overrides))
                 row = {"seed": seed, "method": method, "data": str(Path(data).resolve())}
                 row |= {c: float(results[method][c]) for c in (*COLUMNS, "train_seconds")}
+                if args.protocol == "leave-last-one-out":
+                    row["hit_rate@10"] = row["recall@10"]  # one test item per user (checked above)
                 if method == "ease":
                     row["lambda"] = results[method]["lambda"]
                 rows.append(row)
                 print(f"seed {seed}: {method} ndcg@10 {row['ndcg@10']:.4f} ({row['train_seconds']:.1f} s)", flush=True)
     summary = summarise(rows, methods)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"\ntest split, K=10, {len(seeds)} seed(s) {','.join(map(str, seeds))}"
+    hit_rate = " (recall@10 = hit rate@10: one test item per user)" if args.protocol == "leave-last-one-out" else ""
+    print(f"\n{args.protocol} test split{hit_rate}, K=10, {len(seeds)} seed(s) {','.join(map(str, seeds))}"
           f"{' (mean ± std)' if len(seeds) > 1 else ''}; {machine()}, {when}")
     print(format_table(summary))
     if args.json:
         protocol = ({"data": str(Path(args.data).resolve())} if args.data else
-                    {"source": str(Path(args.source).resolve()), "split": "stratified", "test_fraction": 0.25,
+                    {"source": str(Path(args.source).resolve()), "split": args.protocol,
+                     **({"test_fraction": 0.25} if args.protocol == "stratified" else {"last_n": 1}),
                      "val_split": False})
         atomic_write_json(Path(args.json), {"benchmark": "quality", "machine": machine(), "date": when,
                                             "protocol": protocol, "seeds": seeds, "methods": methods,
