@@ -34,7 +34,7 @@ from typing import Iterator
 
 import numpy as np
 
-from trec.bench.loadgen import LoadResult, ServerProcess, drive, free_port
+from trec.bench.loadgen import LoadResult, ServerProcess, drive, free_port, stop_process
 from trec.bench.serve import BATCHED, first_answer, known_users, server_options
 from trec.errors import TrecError
 
@@ -109,12 +109,7 @@ class PrivateRedis:
         raise TrecError(f"{self.binary} did not answer PING on port {self.port} within 10 s")
 
     def __exit__(self, *_) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, 10)
         self.directory.cleanup()
 
 
