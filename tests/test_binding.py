@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training import run_command, tiny_train_command, trec_command
+from training import refusal, run_command, tiny_train_command, trec_command
 
 from trec.data import PreparedDataset
 from trec.distributed import DistContext
@@ -26,18 +26,6 @@ pytestmark = [pytest.mark.slow]
 
 def trec(*args, check: bool = True):
     return run_command(trec_command(1, *args), check, timeout=600)
-
-
-def refusal(capsys, *args) -> str:
-    """The one error line of ``trec ARGS`` run in this process (trec.cli.main: exit status 2); a refusal comes
-    before any model or process group is built, so a subprocess (importing torch again) would only add time."""
-    from trec.cli import main
-
-    status = main([str(arg) for arg in args])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert status == 2 and len(lines) == 1, err
-    return lines[0]
 
 
 def prepare(ml100k: Path, out: Path, seed: int, *extra: str) -> None:

@@ -254,3 +254,16 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, (
         f"expected one error line and exit 2, got {proc.returncode}:\n{proc.stderr[-3000:]}")
     return errors[0]
+
+
+def refusal(capsys, *args) -> str:
+    """The one ``error:`` line of ``trec ARGS`` run in this process (trec.cli.main, exit status 2; the whole
+    stderr of a real process is checked where that matters: assert_one_line_error). A refusal comes
+    before any model or process group is built, so a subprocess (importing torch again) would only add seconds."""
+    from trec.cli import main
+
+    status = main([str(arg) for arg in args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]  # log lines may precede it
+    assert status == 2 and len(lines) == 1, err[-3000:]
+    return lines[0]
