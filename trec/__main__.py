@@ -1,5 +1,5 @@
 """`python -m trec` is the `trec` command."""
 
-from trec.cli import main
+from trec.cli import run_cli
 
-raise SystemExit(main())
+run_cli()

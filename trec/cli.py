@@ -11,6 +11,7 @@ import errno
 import gc
 import importlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -96,6 +97,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
                 errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST, errno.ELOOP}
 _EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command ended by SIGPIPE (`yes | head`)
+
+
+def run_cli() -> None:
+    """The process entry point (``trec``, ``python -m trec``): :func:`main`, then exit with its status.
+
+    After a user error (status 2) the process ends with ``os._exit`` once its output is flushed: a
+    failed command can leave a native thread behind (an Arrow read-ahead thread of the file it was
+    reading), and the interpreter's teardown racing that thread ended about one failed prepare in
+    ten in SIGABRT ("terminate called without an active exception") instead of exit 2. Nothing is
+    left to clean up by then: the command's context managers ran while the error unwound."""
+    status = main()
+    if status == 2:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+    raise SystemExit(status)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
