@@ -109,7 +109,7 @@ def write_features(root: Path, source: Source, ids: dict[str, Mapping], context:
         specs += entity_specs
         mappings += entity_maps
         if entity == "user" and history is not None:
-            files.append(_write_history(root, history, mapping.size))
+            files.append(write_history(root, history, mapping.size))
             history_spec = _categorical_spec(L.USER_HISTORY, "user", ids[L.ITEM_ID], True)
             history_spec.update({"vocab_of": L.ITEM_ID, "max_len": options.history_max_len, "file": L.HISTORY_FILE})
             specs.append(history_spec)
@@ -119,7 +119,8 @@ def write_features(root: Path, source: Source, ids: dict[str, Mapping], context:
     return specs, files
 
 
-def _write_history(root: Path, history: tuple[np.ndarray, np.ndarray], num_users: int) -> Path:
+def write_history(root: Path, history: tuple[np.ndarray, np.ndarray], num_users: int) -> Path:
+    """features/user_history.parquet: one row per user index, its history items oldest first (CSR in)."""
     offsets, items = history
     lists = pa.ListArray.from_arrays(pa.array(offsets), pa.array(items, pa.int64()))
     table = pa.table({L.USER_ID: pa.array(np.arange(num_users, dtype=np.int64)), "history": lists})

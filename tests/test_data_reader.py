@@ -92,7 +92,7 @@ def test_history_excludes_the_target_and_keeps_the_most_recent(dataset):
     full = history[user].as_py()
     target, older = full[-1], full[:-1]
     batch = dataset.build_batch(np.array([user, user]), np.array([target, -1]), labels=np.ones(2),
-                                exclude_target_from_history=True, history_max_len=10)
+                                history_exclude=np.array([target, -1]), history_max_len=10)
     hist = batch.sparse_features.to_dict()["user_history"]
     lengths = hist.lengths().tolist()
     values = hist.values().tolist()
@@ -112,6 +112,28 @@ def test_reader_batches_never_contain_their_target_in_history(dataset):
     rows = np.repeat(np.arange(len(lengths)), lengths)
     assert not (kjt["user_history"].values().numpy() == items[rows]).any()
     assert lengths.max() == 50
+
+
+def test_sampled_ranking_rows_read_their_positives_history(dataset):
+    """A ranker's sampled negative reads the same history as the positive it was drawn for (the positive's
+    item left out): otherwise the one item missing from positives' histories tells them apart."""
+    from trec.negatives import RankingNegativeSampler
+
+    k = 3
+    sampler = RankingNegativeSampler(dataset.user_items(["train"]), dataset.num_items, k)
+    batch = next(iter(InteractionReader(dataset, "train", 256, seed=4, history_max_len=30, augment=sampler)))
+    history = batch.sparse_features.to_dict()["user_history"]
+    offsets = np.concatenate([[0], np.cumsum(history.lengths().numpy())])
+    values = history.values().numpy()
+    rows = [values[offsets[r]:offsets[r + 1]].tolist() for r in range(len(offsets) - 1)]
+    labels = batch.labels.numpy()
+    positives = np.flatnonzero(labels[:256] == 1)
+    assert len(positives) > 50
+    for row in positives:
+        for j in range(k):
+            assert rows[256 + row * k + j] == rows[row]
+    items = batch.sparse_features.to_dict()["item_id"].values().numpy()
+    assert not any(items[row] in rows[row] for row in positives)
 
 
 def test_context_features_and_empty_dense(tmp_path):

@@ -153,6 +153,14 @@ class RankingNegativeSampler:
         out[:, num_hard:] = self.random(repeated[:, num_hard:].reshape(-1), rng).reshape(len(users), -1)
         return out
 
+    def history_rows(self, labelled: int) -> np.ndarray:
+        """(B + B * k,) for a training batch of B labelled rows: the labelled row whose history each row
+        reads. A sampled row reads its positive's history (without the positive's item, as the
+        positive does): with the whole history, the one item missing from a positive's would tell
+        positives from negatives, a cue that no candidate carries when ranking."""
+        rows = np.arange(labelled)
+        return np.concatenate([rows, np.repeat(rows, self.per_positive)])
+
     def __call__(self, users, items, labels, ratings, rng: np.random.Generator, pad: bool = True):
         """Reader hook: the B rows with click targets, then B * k sampled rows (positive-major order).
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -37,11 +37,17 @@ from trec.optim import build_optimizer
 from trec.preemption import StopSignal
 from trec.runs import (RunDir, build_sharded_task, check_resumable_config, check_run_dataset, dataset_fingerprint,
                        final_metrics, finished_reason, read_run_record, record_run, resumable_state, retriever_run)
+from trec.selection import (StepSelection, carved_split, chosen_steps, has_progress, needs_carved_validation,
+                            record_choice, validation_root)
 
 logger = logging.getLogger("trec")
 
 
-def total_training_steps(training: TrainingConfig, steps_per_epoch: int) -> int:
+def total_training_steps(training: TrainingConfig, steps_per_epoch: int, selection: StepSelection | None = None) -> int:
+    """The length of the learning-rate schedule. A refit (``selection``) keeps the schedule of the run
+    that chose its steps, scaled to the whole train split: its epochs, or its max_steps × the size ratio."""
+    if training.max_steps and selection is not None:
+        return round(training.max_steps * selection.train_rows / selection.carved_train_rows)
     return training.max_steps or training.epochs * steps_per_epoch
 
 
@@ -70,12 +76,16 @@ class Trainer:
     """Runs ``fit`` for one task; build it with :meth:`Trainer.build`."""
 
     def __init__(self, cfg: TrecConfig, run: RunDir, ctx: DistContext, dataset: PreparedDataset, spec: ModelSpec,
-                 model, task, reader: InteractionReader, optimizer, record: dict | None) -> None:
+                 model, task, reader: InteractionReader, optimizer, record: dict | None,
+                 selection: StepSelection | None = None) -> None:
         self.cfg, self.run, self.ctx, self.dataset, self.spec = cfg, run, ctx, dataset, spec
         self.model, self.task, self.reader, self.optimizer = model, task, reader, optimizer
         self.checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint, ctx)
         self.steps_per_epoch = len(reader)
-        self.total_steps = total_training_steps(cfg.training, self.steps_per_epoch)
+        self.selection = selection
+        self.total_steps = total_training_steps(cfg.training, self.steps_per_epoch, selection)
+        if selection is not None:  # stops at the chosen step, in the middle of the schedule it was chosen in
+            self.total_steps = min(self.total_steps, selection.refit_steps)
         self.metric = cfg.training.early_stopping_metric or spec.default_metric
         self.validation_split, self.test_exclusions = evaluation_splits(dataset)
         self.state = TrainerState(world_size=ctx.world_size, dataset_fingerprint=dataset_fingerprint(dataset))
@@ -87,7 +97,8 @@ class Trainer:
         self.pipeline = None
 
     @classmethod
-    def build(cls, cfg: TrecConfig, run_dir: Path, ctx: DistContext) -> "Trainer":
+    def build(cls, cfg: TrecConfig, run_dir: Path, ctx: DistContext,
+              selection: StepSelection | None = None) -> "Trainer":
         """Check that ``cfg`` and its dataset may (re)start the run, then build everything (collective).
 
         A run with a complete checkpoint is refused a config that changes its shapes or meaning and
@@ -108,8 +119,8 @@ class Trainer:
         if spec.setup is not None:
             spec.setup(task, SetupContext(dataset, ctx, run.root, lambda path, data: retriever_run(path, data, ctx)))
         reader = build_reader(cfg, dataset, ctx, task)
-        optimizer = build_optimizer(model, cfg.optimizer, total_training_steps(cfg.training, len(reader)))
-        return cls(cfg, run, ctx, dataset, spec, model, task, reader, optimizer, record)
+        optimizer = build_optimizer(model, cfg.optimizer, total_training_steps(cfg.training, len(reader), selection))
+        return cls(cfg, run, ctx, dataset, spec, model, task, reader, optimizer, record, selection)
 
     def fit(self) -> TrainerState:
         """Train from the newest complete checkpoint (or from scratch) to ``total_steps``; stops early on
@@ -239,8 +250,12 @@ class Trainer:
         state = self.state
         result = {**metrics, "step": state.step, "best_step": state.best_step, f"val/{self.metric}": state.best_metric,
                   "train_seconds": time.time() - started, "world_size": self.ctx.world_size}
+        if self.selection is not None:  # training.validation=auto: what was chosen, and on what
+            result |= self.selection.metrics()
         if self.ctx.is_main:
             atomic_write_json(self.run.metrics, result)
+            if self.selection is not None:
+                self.log.tb.scalars(self.selection.metrics(), state.step)
             self.log.final(metrics, state.step, self.cfg)
         self.model.eval()  # the projector encodes items
         self.log.project_items(retriever_of(self.task), self.dataset, self.cfg.data, self.ctx, state.step)
@@ -264,22 +279,29 @@ class TrainOutcome:
 
 def train(cfg: TrecConfig, run_dir: Path, ctx: DistContext) -> TrainOutcome:
     """Train ``cfg`` into ``run_dir`` (resuming if possible) and evaluate on the test split. A run that
-    already finished and has its final evaluation is left as it is; one without it is evaluated."""
+    already finished and has its final evaluation is left as it is; one without it is evaluated.
+    With ``training.validation: auto`` and no val split, the number of steps is chosen first
+    (:func:`select_steps`) and the run is refit for it."""
     started = time.time()
     new_run = not Path(run_dir).exists()
     try:
-        return _build_and_train(cfg, run_dir, ctx, started)
+        selection = select_steps(cfg, Path(run_dir), ctx) if needs_carved_validation(cfg) else None
+        if isinstance(selection, TrainOutcome):  # SIGTERM while choosing: resumes there next time
+            return selection
+        return _build_and_train(cfg, run_dir, ctx, started, selection)
     except Exception:
         # A new run refused before its first checkpoint (a damaged shard, a NaN label, a config the
         # dataset cannot serve) leaves no run directory behind: the output path is as it was before
         # the command. A run with a checkpoint keeps it (the same command resumes it).
-        if new_run and ctx.is_main and latest_checkpoint(RunDir(Path(run_dir)).checkpoints) is None:
+        if new_run and ctx.is_main and latest_checkpoint(RunDir(Path(run_dir)).checkpoints) is None \
+                and not has_progress(Path(run_dir)):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
-def _build_and_train(cfg: TrecConfig, run_dir: Path, ctx: DistContext, started: float) -> TrainOutcome:
-    trainer = Trainer.build(cfg, run_dir, ctx)
+def _build_and_train(cfg: TrecConfig, run_dir: Path, ctx: DistContext, started: float,
+                     selection: StepSelection | None = None) -> TrainOutcome:
+    trainer = Trainer.build(cfg, run_dir, ctx, selection)
     try:
         latest = latest_checkpoint(trainer.run.checkpoints) if cfg.checkpoint.resume else None
         reason = finished_reason(read_trainer_state(latest), trainer.total_steps) if latest is not None else None
@@ -297,3 +319,30 @@ def _build_and_train(cfg: TrecConfig, run_dir: Path, ctx: DistContext, started: 
     finally:
         if trainer.log is not None:
             trainer.log.close()
+
+
+def select_steps(cfg: TrecConfig, run_dir: Path, ctx: DistContext) -> StepSelection | TrainOutcome:
+    """Early-stop a run on a validation split carved from train (:mod:`trec.selection`) and return the
+    steps of the refit on the whole train split (collective); a restart reuses the choice."""
+    dataset = PreparedDataset.open(cfg.data.path, positive_threshold=cfg.data.positive_threshold)
+    fingerprint = dataset_fingerprint(dataset)
+    selection = chosen_steps(run_dir, fingerprint, dataset)
+    if selection is not None:
+        return selection
+    carved = carved_split(cfg, run_dir, fingerprint, dataset, ctx)
+    trainer = Trainer.build(replace(cfg, data=replace(cfg.data, path=str(carved))), validation_root(run_dir) / "run",
+                            ctx)
+    try:
+        state = trainer.fit()
+    finally:
+        if trainer.log is not None:
+            trainer.log.close()
+    if trainer.stopped_by:
+        return TrainOutcome("stopped", state.step, {}, trainer.stopped_by)
+    counts, best_step = trainer.dataset.manifest["counts"], state.best_step if state.best_step > 0 else state.step
+    train_rows = dataset.num_rows("train")
+    selection = StepSelection(fingerprint, trainer.metric, float(state.best_metric or 0.0), best_step,
+                              counts["train"], counts["val"], train_rows,
+                              max(1, round(best_step * train_rows / counts["train"])))
+    record_choice(run_dir, selection, ctx)
+    return selection

@@ -21,7 +21,7 @@ from trec.config.prepare import ColumnsConfig, Duplicates, IdMapping, PrepareCon
 from trec.config.sections import (CheckpointConfig, ComputeKernel, DataConfig, DenseOptimizer, EvaluationConfig,
                                   ExportConfig, Gain, IndexKind, LoggingConfig, LRDecay, ModelConfig, OptimizerConfig,
                                   PipelineKind, Pooling, ShardingConfig, ShardingKind, SparseOptimizer, TableConfig,
-                                  TableShardingConfig, TrainingConfig, TrecConfig)
+                                  TableShardingConfig, TrainingConfig, TrecConfig, Validation)
 from trec.config.types import Choice, Range
 from trec.config.validation import validate_config
 
@@ -30,5 +30,5 @@ __all__ = [
     "EvaluationConfig", "ExportConfig", "Gain", "IdMapping", "IndexKind", "LoggingConfig", "LRDecay", "ModelConfig",
     "OptimizerConfig", "PipelineKind", "Pooling", "PrepareConfig", "Range", "ShardingConfig", "ShardingKind",
     "SparseOptimizer", "SplitKind", "SyntheticConfig", "TableConfig", "TableShardingConfig", "TrainingConfig",
-    "TrecConfig", "config_to_dict", "config_to_yaml", "load_config", "save_config", "validate_config",
+    "TrecConfig", "Validation", "config_to_dict", "config_to_yaml", "load_config", "save_config", "validate_config",
 ]

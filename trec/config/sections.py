@@ -171,6 +171,15 @@ class PipelineKind(Choice):
     """A plain forward/backward/step loop (easier to debug)."""
 
 
+class Validation(Choice):
+    auto = "auto"
+    """The dataset's `val` split if it has one; without it, a validation set carved from each user's
+    train rows chooses the number of steps (early stopping), then the model is refit on the whole
+    train split for that many steps scaled to its size (needs training.early_stopping_metric)."""
+    split = "split"
+    """Only the dataset's `val` split; without it, train every step and keep the last weights."""
+
+
 @dataclass
 class TrainingConfig:
     epochs: int = 1
@@ -184,6 +193,11 @@ class TrainingConfig:
     watch; empty disables both."""
     early_stopping_patience: int = 3
     """Evaluations without improvement before stopping."""
+    validation: Validation = Validation.auto
+    """Where early stopping validates: auto (carve a validation set when the dataset has no `val`
+    split, then refit) or split (the `val` split only)."""
+    validation_fraction: float = 0.1
+    """Share of each user's train rows carved out as validation by `validation: auto`."""
     pipeline: PipelineKind = PipelineKind.sparse_dist
     seed: int = 42
     """Seeds every rank (rank-offset) and the data order."""

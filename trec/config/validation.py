@@ -52,6 +52,7 @@ _RANGES: dict[str, Range] = {
     "training.max_steps": NON_NEGATIVE,
     "training.eval_every_steps": NON_NEGATIVE,
     "training.early_stopping_patience": NON_NEGATIVE,
+    "training.validation_fraction": Range(0, 1, low_open=True, high_open=True),
     "training.seed": SEED,
     "evaluation.ks[]": POSITIVE,
     "evaluation.max_users": NON_NEGATIVE,

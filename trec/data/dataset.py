@@ -311,16 +311,16 @@ class PreparedDataset:
         items: np.ndarray,
         labels: np.ndarray,
         ratings: np.ndarray | None = None,
-        exclude_target_from_history: bool = False,
+        history_exclude: np.ndarray | None = None,
         history_max_len: int | None = None,
         context: dict[str, np.ndarray] | None = None,
     ) -> RecBatch:
         """A RecBatch of R = len(users) rows; the first B = len(labels) rows are labelled.
 
         users, items: (R,) int64 indices, -1 = no user / no item on that row. history_max_len:
-        most recent history items per row (default: all the dataset keeps). With
-        exclude_target_from_history the row's own item is removed from its history, so a model
-        cannot learn "the target is in the history". context: per context feature, (C,) indices
+        most recent history items per row (default: all the dataset keeps). history_exclude: (R,)
+        an item removed from each row's history (a training row's own target, so a model cannot
+        learn "the target is in the history"; -1 or None: nothing removed). context: per context feature, (C,) indices
         for the first C rows (C <= R; later rows get empty context keys).
         """
         users = np.asarray(users, dtype=np.int64)
@@ -336,7 +336,7 @@ class PreparedDataset:
         lengths, values = [], []
         for spec in self.sparse_features:
             spec_lengths, spec_values = self._sparse(spec, users, items, context or {}, rows,
-                                                     exclude_target_from_history, history_max_len)
+                                                     history_exclude, history_max_len)
             lengths.append(spec_lengths)
             values.append(spec_values)
         kjt = keyed_jagged([spec.name for spec in self.sparse_features], lengths, values, rows)
@@ -348,7 +348,7 @@ class PreparedDataset:
         )
 
     def _sparse(self, spec: FeatureSpec, users: np.ndarray, items: np.ndarray, context: dict, rows: int,
-                exclude: bool, history_max_len: int | None) -> tuple[np.ndarray, np.ndarray]:
+                exclude: np.ndarray | None, history_max_len: int | None) -> tuple[np.ndarray, np.ndarray]:
         if spec.entity == "context":
             values = np.full(rows, -1, np.int64)
             given = context.get(spec.name)
@@ -361,7 +361,7 @@ class PreparedDataset:
             max_len = (spec.max_len or 0) if history_max_len is None else history_max_len
             if max_len <= 0 or self._history is None:
                 return np.zeros(rows, np.int32), np.zeros(0, np.int64)
-            return self._history.last(index, max_len, items if exclude else None)
+            return self._history.last(index, max_len, exclude)
         if spec.name in (L.USER_ID, L.ITEM_ID):
             present = index >= 0
             return present.astype(np.int32), index[present]

@@ -144,11 +144,15 @@ class InteractionReader:
     def _make_batch(self, rows: dict[str, np.ndarray], epoch: int, index: int) -> RecBatch:
         users, items, labels = rows[L.USER_ID], rows[L.ITEM_ID], rows[L.LABEL]
         ratings = rows.get(L.RATING, np.zeros(len(labels), np.float32))
+        targets = items
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, epoch, self.rank, index])
             users, items, labels, ratings = self.augment(users, items, labels, ratings, rng)
+            history_rows = getattr(self.augment, "history_rows", None)  # sampled rows read their positive's
+            targets = targets[history_rows(len(targets))] if history_rows is not None else items
         context = {name: rows[name] for name in self.dataset.context_names}
-        return self.dataset.build_batch(users, items, labels, ratings, self.exclude_target_from_history,
+        return self.dataset.build_batch(users, items, labels, ratings,
+                                        targets if self.exclude_target_from_history else None,
                                         self.history_max_len, context)
 
     def _block_order(self, epoch: int) -> np.ndarray:
