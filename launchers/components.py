@@ -1,8 +1,9 @@
 """TorchX components for trec jobs: ``torchx run -s SCHEDULER ./launchers/components.py:NAME``.
 
-Each component is a typed function whose docstring is its ``--help``. ``train``, ``export`` and
-``evaluate`` run ``python -m trec COMMAND ...`` on every rank under torchrun (via TorchX's builtin
-``dist.ddp``); ``tensorboard`` reuses TorchX's builtin ``metrics.tensorboard``. The same component
+Each component is a typed function whose docstring is its ``--help``. ``prepare`` runs
+``python -m trec data prepare ...`` as one process; ``train``, ``export`` and ``evaluate`` run
+``python -m trec COMMAND ...`` on every rank under torchrun (via TorchX's builtin ``dist.ddp``);
+``tensorboard`` reuses TorchX's builtin ``metrics.tensorboard``. The same component
 launches on this workstation (``-s local_cwd``, which runs the working tree and ignores ``image``)
 and on Kubernetes with Volcano (``-s kubernetes``, images from docker/, volumes from k8s/), where
 every pod runs restricted (non-root, no capabilities, read-only image: launchers/scheduler.py).
@@ -17,6 +18,7 @@ from typing import Dict, List, Optional
 import torchx.specs as specs
 from torchx.components import dist, metrics
 from torchx.components.dist import parse_nnodes
+from torchx.components.structured_arg import StructuredNameArgument
 
 # Images built from docker/Dockerfile and docker/Dockerfile.cuda (the k8s/ manifests and the
 # README use the same names). Kubernetes runs them; local_cwd runs the working tree instead.
@@ -45,7 +47,7 @@ def _trec_job(
     env: Optional[Dict[str, str]],
     max_restarts: int,
     mounts: Optional[List[str]],
-) -> specs.AppDef:
+) -> "specs.AppDef":  # quoted: TorchX lists every function annotated `-> specs.AppDef` as a component
     """``python -m trec COMMAND...`` on every rank of a torchrun job (the one builder of trec jobs).
 
     torchrun reads ``--max-restarts`` from ``PET_MAX_RESTARTS``: when a worker dies the elastic agent
@@ -90,6 +92,62 @@ def _trec_job(
         raise RuntimeError(f"torchx's dist.ddp changed its command line: {script[:80]}")
     role.args = [shell, "python -m trec.launch " + script[len("torchrun "):]]
     return app
+
+
+def prepare(
+    *args: str,
+    image: str = "",
+    cpu: int = 2,
+    memMB: int = 8192,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    mounts: Optional[List[str]] = None,
+    name: str = "trec/prepare",
+) -> specs.AppDef:
+    """Prepare a dataset for training (validate, map IDs, split, Parquet shards + manifest): ``trec data prepare ARGS``.
+
+    One process (no torchrun, no GPU). Example: ``torchx run -s local_cwd ./launchers/components.py:prepare --
+    movielens --source ../shared/datasets/ml-100k --out data/ml100k``
+
+    Args:
+        args: arguments of ``trec data prepare``: ``SOURCE --out DIR [--source PATH] [--overwrite] [--set=KEY=VALUE ...]
+            [KEY=VALUE ...]``, SOURCE one of ``movielens``, ``parquet``, ``csv``, ``synthetic`` (repeat
+            ``--set=KEY=VALUE`` with the ``=``: TorchX refuses a repeated option word)
+        image: container image (Kubernetes); empty picks the trec CPU image; local_cwd ignores it and runs
+            the working tree
+        cpu: CPUs; Arrow's thread pool gets as many threads
+        memMB: memory in MB
+        h: a registered TorchX named resource, e.g. ``aws_m5.2xlarge`` (overrides cpu and memMB)
+        env: extra environment variables, e.g. ``LOGLEVEL=INFO``
+        max_retries: times the job is retried after a failure; ``--out`` appears only once complete (written
+            beside it, then renamed), so a retry starts clean
+        mounts: volumes, e.g. ``type=volume,src=trec-datasets,dst=/data`` (the raw files and the prepared
+            dataset on the datasets PVC, writable; ``type=bind``, a host path, is local only)
+        name: job name (``{experiment}/{run}``)
+    """
+    if max_retries < 0:
+        raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+    argname = StructuredNameArgument.parse_from(name=name, m="trec")  # as dist.ddp names train jobs
+    resource = specs.resource(cpu=cpu, gpu=0, memMB=memMB, h=h)
+    job_env = {"PYTHONUNBUFFERED": "1", "TORCHX_TRACKING_EXPERIMENT_NAME": argname.experiment_name}
+    # Arrow sizes its thread pool from OMP_NUM_THREADS, else from the node's cores, which in a pod
+    # are not the CPUs its limit grants.
+    if resource.cpu > 0:
+        job_env["OMP_NUM_THREADS"] = str(max(1, int(resource.cpu)))
+    job_env.update(env or {})  # the caller's values win
+    role = specs.Role(
+        name="trec",  # the role name of the torchrun jobs too: `torchx log APP_HANDLE/trec`
+        image=image or DEFAULT_IMAGE,
+        entrypoint="python",
+        args=["-m", "trec", "data", "prepare", *args],
+        num_replicas=1,
+        resource=resource,
+        env=job_env,
+        max_retries=max_retries,
+        mounts=specs.parse_mounts(mounts) if mounts else [],
+    )
+    return specs.AppDef(name=argname.run_name, roles=[role])
 
 
 def train(

@@ -1,4 +1,5 @@
-"""k8s/: every manifest parses and carries what a cluster needs; both overlays render (no cluster)."""
+"""k8s/: every manifest parses and carries what a cluster needs; both overlays render with `kubectl kustomize`
+(no cluster; tests/kubetools.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kustomize_lite import build, containers, pod_specs, split_image
+from kubetools import containers, kustomize, pod_specs, split_image
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -44,7 +45,7 @@ def _resource_files() -> list[Path]:
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict]]:
-    return {name: build(K8S / "overlays" / name) for name in OVERLAYS}
+    return {name: kustomize(K8S / "overlays" / name) for name in OVERLAYS}
 
 
 def _find(resources: list[dict], kind: str, name: str) -> dict:
@@ -133,7 +134,7 @@ def test_every_pod_has_resources_and_a_restricted_security_context():
 
 
 def test_base_has_every_piece_the_issue_asks_for():
-    base = build(K8S / "base")
+    base = kustomize(K8S / "base")
     kinds = {(r["apiVersion"], r["kind"], r["metadata"]["name"]) for r in base}
     assert ("scheduling.volcano.sh/v1beta1", "Queue", "trec") in kinds
     assert ("v1", "Namespace", "trec") in kinds
@@ -150,7 +151,7 @@ def test_base_has_every_piece_the_issue_asks_for():
 
 
 def test_service_account_has_least_privilege():
-    base = build(K8S / "base")
+    base = kustomize(K8S / "base")
     assert _find(base, "ServiceAccount", "trec-runner").get("automountServiceAccountToken") is False
     assert not _find(base, "Role", "trec-runner").get("rules")  # trec pods call no Kubernetes API
     binding = _find(base, "RoleBinding", "trec-runner")
@@ -192,7 +193,7 @@ def test_every_submitter_verb_says_why():
 
 
 def test_network_policy_denies_ingress_but_to_job_peers_and_tensorboard_port():
-    base = build(K8S / "base")
+    base = kustomize(K8S / "base")
     policies = {r["metadata"]["name"]: r["spec"] for r in base if r["kind"] == "NetworkPolicy"}
     deny = policies["trec-default-deny-ingress"]
     assert deny == {"podSelector": {}, "policyTypes": ["Ingress"]}  # every pod: no ingress unless allowed below
@@ -232,7 +233,7 @@ def test_tensorboard_is_reachable_only_through_its_cluster_ip_service(rendered):
 
 
 def test_tensorboard_reads_the_runs_volume_read_only():
-    base = build(K8S / "base")
+    base = kustomize(K8S / "base")
     deployment = _find(base, "Deployment", "trec-tensorboard")
     (pod,) = pod_specs(deployment)
     (container,) = pod["containers"]
@@ -249,7 +250,7 @@ def test_tensorboard_reads_the_runs_volume_read_only():
 
 
 def test_export_job_template_exports_a_run_into_the_exports_volume():
-    job = _find(build(K8S / "base"), "Job", "trec-export")
+    job = _find(kustomize(K8S / "base"), "Job", "trec-export")
     assert job["spec"]["suspend"] is True  # a template: `kubectl apply -k` must not start an export
     (pod,) = pod_specs(job)
     (container,) = pod["containers"]
@@ -284,7 +285,7 @@ def _pod_matches(selector: dict, deployment: dict) -> bool:
 
 
 def test_serving_deployment_serves_an_export_read_only(rendered):
-    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+    for name, resources in {"base": kustomize(K8S / "base"), **rendered}.items():
         deployment, pod, container = _serve_container(resources)
         assert container["image"] == CPU_IMAGE, name  # serving needs no GPU, in any overlay
         env = {e["name"]: e.get("value") for e in container["env"]}
@@ -312,7 +313,7 @@ def test_serving_args_parse_with_trec_serve():
     from trec.cli import build_parser
     from trec.commands.serve import _check_args
 
-    _, _, container = _serve_container(build(K8S / "base"))
+    _, _, container = _serve_container(kustomize(K8S / "base"))
     env = {e["name"]: e.get("value") for e in container["env"]}
     args = build_parser().parse_args([a.replace("$(TREC_EXPORT_DIR)", env["TREC_EXPORT_DIR"])
                                       for a in container["args"]])
@@ -323,7 +324,7 @@ def test_serving_args_parse_with_trec_serve():
 
 
 def test_serving_probes_ask_ready_and_health_on_the_named_port(rendered):
-    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+    for name, resources in {"base": kustomize(K8S / "base"), **rendered}.items():
         _, _, container = _serve_container(resources)
         assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}], name
         probes = {kind: container[kind] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
@@ -337,7 +338,7 @@ def test_serving_probes_ask_ready_and_health_on_the_named_port(rendered):
 
 
 def test_serving_pod_is_restricted_with_guaranteed_resources(rendered):
-    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+    for name, resources in {"base": kustomize(K8S / "base"), **rendered}.items():
         _, pod, container = _serve_container(resources)
         sc = {**pod["securityContext"], **container["securityContext"]}
         assert sc["runAsNonRoot"] is True and sc["runAsUser"] == TREC_UID, name
@@ -354,7 +355,7 @@ def test_serving_pod_is_restricted_with_guaranteed_resources(rendered):
 
 
 def test_serving_service_selects_the_deployment_pods_on_port_8000(rendered):
-    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+    for name, resources in {"base": kustomize(K8S / "base"), **rendered}.items():
         deployment, _, container = _serve_container(resources)
         service = _find(resources, "Service", SERVE)
         assert service["spec"].get("type", "ClusterIP") == "ClusterIP", name
@@ -369,7 +370,7 @@ def test_serving_service_selects_the_deployment_pods_on_port_8000(rendered):
 
 
 def test_serving_autoscales_on_cpu_and_survives_drains(rendered):
-    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+    for name, resources in {"base": kustomize(K8S / "base"), **rendered}.items():
         deployment, _, container = _serve_container(resources)
         hpa = _find(resources, "HorizontalPodAutoscaler", SERVE)
         assert hpa["apiVersion"] == "autoscaling/v2", name
@@ -388,7 +389,7 @@ def test_serving_autoscales_on_cpu_and_survives_drains(rendered):
 
 
 def test_serving_port_is_open_to_the_namespace_only_and_scraped_at_metrics():
-    base = build(K8S / "base")
+    base = kustomize(K8S / "base")
     deployment, _, container = _serve_container(base)
     service = _find(base, "Service", SERVE)
     policy = _find(base, "NetworkPolicy", SERVE)["spec"]
@@ -405,18 +406,18 @@ def test_serving_port_is_open_to_the_namespace_only_and_scraped_at_metrics():
 
 def test_readme_shows_what_the_serving_deployment_runs():
     section = (REPO / "README.md").read_text().split("## Run on Kubernetes", 1)[1].split("\n## ", 1)[0]
-    _, _, container = _serve_container(build(K8S / "base"))
+    _, _, container = _serve_container(kustomize(K8S / "base"))
     env = {e["name"]: e.get("value") for e in container["env"]}
     command = " ".join(["trec", *container["args"]]).replace("$(TREC_EXPORT_DIR)", env["TREC_EXPORT_DIR"])
     assert command in " ".join(section.split()), command
-    service = _find(build(K8S / "base"), "Service", SERVE)
+    service = _find(kustomize(K8S / "base"), "Service", SERVE)
     port = service["spec"]["ports"][0]["port"]
     assert f"kubectl -n trec port-forward svc/{SERVE} {port}:{port}" in section
 
 
 def test_serving_port_matches_the_image():
     exposed = re.findall(r"^EXPOSE\s+(\d+)", (REPO / "docker" / "Dockerfile").read_text(), flags=re.M)
-    _, _, container = _serve_container(build(K8S / "base"))
+    _, _, container = _serve_container(kustomize(K8S / "base"))
     assert [str(p["containerPort"]) for p in container["ports"]] == exposed
 
 
@@ -437,7 +438,7 @@ def _memory_bytes(quantity: str) -> int:
 
 
 def test_redis_deployment_service_and_policy_render_in_every_overlay(rendered):
-    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+    for name, resources in {"base": kustomize(K8S / "base"), **rendered}.items():
         deployment, _, container = _redis_container(resources)
         service = _find(resources, "Service", REDIS)
         policy = _find(resources, "NetworkPolicy", REDIS)
@@ -457,7 +458,7 @@ def test_redis_deployment_service_and_policy_render_in_every_overlay(rendered):
 
 
 def test_redis_pod_is_restricted_with_guaranteed_resources_and_probes(rendered):
-    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+    for name, resources in {"base": kustomize(K8S / "base"), **rendered}.items():
         _, pod, container = _redis_container(resources)
         sc = {**pod["securityContext"], **container["securityContext"]}
         assert sc["runAsNonRoot"] is True and sc["seccompProfile"] == {"type": "RuntimeDefault"}, name
@@ -487,7 +488,7 @@ def test_redis_pod_is_restricted_with_guaranteed_resources_and_probes(rendered):
 def test_serving_store_url_points_at_the_redis_service(rendered):
     from urllib.parse import urlsplit
 
-    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+    for name, resources in {"base": kustomize(K8S / "base"), **rendered}.items():
         _, _, container = _serve_container(resources)
         args = container["args"]
         url = urlsplit(args[args.index("--store") + 1])
@@ -501,7 +502,7 @@ def test_serving_store_url_points_at_the_redis_service(rendered):
 
 
 def test_only_the_serving_pods_reach_redis(rendered):
-    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+    for name, resources in {"base": kustomize(K8S / "base"), **rendered}.items():
         serving, _, _ = _serve_container(resources)
         redis, _, container = _redis_container(resources)
         service = _find(resources, "Service", REDIS)
@@ -531,7 +532,7 @@ def test_only_the_serving_pods_reach_redis(rendered):
 
 
 def test_serving_admin_token_comes_from_an_optional_secret(rendered):
-    for name, resources in {"base": build(K8S / "base"), **rendered}.items():
+    for name, resources in {"base": kustomize(K8S / "base"), **rendered}.items():
         _, _, container = _serve_container(resources)
         (token,) = [e for e in container["env"] if e["name"] == "TREC_ADMIN_TOKEN"]
         assert "value" not in token, name  # never a literal in the manifests
@@ -595,17 +596,17 @@ def test_overlays_differ_only_where_they_should(rendered):
 
 def test_torchxconfig_matches_the_manifests():
     cfg = _torchx_cfg()
-    base = build(K8S / "base")
+    base = kustomize(K8S / "base")
     assert _find(base, "Queue", cfg["queue"])
     assert _find(base, "Namespace", cfg["namespace"])
     assert _find(base, "ServiceAccount", cfg["service_account"])
-    repos = {split_image(c["image"])[0] for r in build(K8S / "overlays" / "cpu") for c in containers(r)
+    repos = {split_image(c["image"])[0] for r in kustomize(K8S / "overlays" / "cpu") for c in containers(r)
              if c["image"] != REDIS_IMAGE}
     assert repos == {cfg["image_repo"]}
 
 
 def test_readme_mounts_name_existing_claims():
-    claims = {r["metadata"]["name"] for r in build(K8S / "base") if r["kind"] == "PersistentVolumeClaim"}
+    claims = {r["metadata"]["name"] for r in kustomize(K8S / "base") if r["kind"] == "PersistentVolumeClaim"}
     section = (REPO / "README.md").read_text().split("## Run on Kubernetes", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"type=volume,src=([\w-]+)", section))
     assert named and named <= claims, f"README mounts {named - claims}, not PVCs in k8s/"

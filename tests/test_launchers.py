@@ -79,7 +79,7 @@ def test_train_component_runs_trec_train_under_torchrun_through_trec_launch():
     assert role.resource.gpu == 4
 
 
-@pytest.mark.parametrize("name", ["train", "export", "evaluate", "tensorboard"])
+@pytest.mark.parametrize("name", ["prepare", "train", "export", "evaluate", "tensorboard"])
 def test_every_parameter_is_typed_and_documented(name):
     fn = getattr(load_components(), name)
     documented = set(re.findall(r"^\s{8}(\w+):", fn.__doc__.split("Args:", 1)[1], flags=re.M))
@@ -226,9 +226,9 @@ def test_tensorboard_dryrun_is_one_server_on_the_runs_volume():
 
 def _own_pod_security() -> tuple[dict, dict]:
     """The pod and container securityContext of the project's own pods (k8s/ TensorBoard Deployment)."""
-    from kustomize_lite import build, pod_specs
+    from kubetools import kustomize, pod_specs
 
-    (deployment,) = [r for r in build(REPO / "k8s" / "base") if r["metadata"]["name"] == "trec-tensorboard"
+    (deployment,) = [r for r in kustomize(REPO / "k8s" / "base") if r["metadata"]["name"] == "trec-tensorboard"
                      and r["kind"] == "Deployment"]
     (pod,) = pod_specs(deployment)
     return pod["securityContext"], pod["containers"][0]["securityContext"]
@@ -314,7 +314,7 @@ def _readme_kubernetes_runs() -> list[str]:
 def test_readme_kubernetes_commands_dry_run():
     commands = _readme_kubernetes_runs()
     components = {re.search(r"components\.py:(\w+)", c).group(1) for c in commands}
-    assert components == {"train", "export", "evaluate", "tensorboard"}
+    assert components == {"prepare", "train", "export", "evaluate", "tensorboard"}
     for command in commands:
         args = shlex.split(command)[2:]  # after `torchx run`
         proc = _torchx("run", "--dryrun", *args)
