@@ -112,6 +112,19 @@ def test_hard_negatives_come_from_the_users_candidates_in_the_configured_share()
     assert not set(negatives[50:].reshape(-1).tolist()) & {5}
 
 
+def test_popular_negatives_follow_training_popularity_in_the_configured_share():
+    counts = np.array([0, 0, 0, 1000, 0, 0, 100, 0])  # item 3 ten times as popular as item 6
+    sampler = RankingNegativeSampler(_known(), num_items=8, per_positive=4, popular_ratio=0.5, item_counts=counts)
+    negatives = sampler.negatives(np.array([2] * 4000), np.random.default_rng(0))
+    popular, uniform = negatives[:, :2].reshape(-1), negatives[:, 2:].reshape(-1)
+    share = np.bincount(popular, minlength=8) / len(popular)
+    expected = (counts + 1) / (counts + 1).sum()
+    assert np.abs(share - expected).max() < 0.01  # P ∝ count + 1
+    assert np.abs(np.bincount(uniform, minlength=8) / len(uniform) - 1 / 8).max() < 0.02
+    known_user = sampler.negatives(np.array([1] * 2000), np.random.default_rng(1))
+    assert 5 not in known_user  # never one of the user's own items
+
+
 def test_held_out_rows_are_fixed_and_never_known(ml100k_prepared):
     from trec.data import PreparedDataset
 

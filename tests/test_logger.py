@@ -55,11 +55,12 @@ def test_outputs_are_logged_by_role_and_the_step_line_is_unchanged(tmp_path, cap
     events.Reload()
     histograms = set(events.Tags()["histograms"])
     assert histograms == {"embedding_norm/item_norm", "train/scores"}  # 1-d outputs only
-    assert [e.step for e in events.Histograms("embedding_norm/item_norm")] == [5, 10]
-    assert any((tmp_path / "hparams").iterdir())
+    assert [e.step for e in events.Histograms("embedding_norm/item_norm")] == [5, 10, 12]  # and the last step
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")  # in this run, no sub-run
+    assert not (tmp_path / "hparams").exists() and scalar_steps(tmp_path / "popularity", "test/ndcg@10") == [12]
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert len(lines) == 3 and lines[0].startswith("step 5/12 loss 0.2000 lr dense=1.00e-01 ")
-    assert lines[0].endswith(" samples/s")
+    assert " samples/s 41.7% ETA " in lines[0] and lines[-1].endswith(" samples/s 100.0% ETA 0s")
 
 
 def test_only_rank_zero_writes_and_a_resumed_start_purges_later_events(tmp_path):

@@ -43,13 +43,14 @@ def test_run_directory_has_config_checkpoints_metrics_and_tensorboard(full_run):
     tb = full_run / "tb"
     assert scalar_steps(tb, "train/loss") == list(range(5, STEPS + 1, 5))
     assert scalar_steps(tb, "val/ndcg@10") == [20, 40]
-    assert scalar_steps(tb, "test/ndcg@10") == [STEPS]
+    assert scalar_steps(tb, "test/ndcg@10") == [metrics["best_step"]]  # the step of the checkpoint evaluated
+    assert scalar_steps(tb / "popularity", "val/ndcg@10") == [20, 40]  # the baseline, on the model's cards
     events = EventAccumulator(str(tb), size_guidance={"histograms": 0})
     events.Reload()
     assert "lr/sparse" in events.Tags()["scalars"] and "lr/dense" in events.Tags()["scalars"]
     assert "embedding_norm/item_norm" in events.Tags()["histograms"]
     assert (tb / "projector_config.pbtxt").is_file()
-    assert any((tb / "hparams").iterdir())  # the hparams plugin's run
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")  # in the run, no sub-run
 
 
 def test_resume_after_kill_reaches_same_step_with_identical_weights(full_run, resumed_run):

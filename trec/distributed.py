@@ -30,6 +30,7 @@ from torch import nn
 
 from trec.config import ComputeKernel, ShardingConfig, ShardingKind
 from trec.errors import TrecError
+from trec.memory import PlanMemory, cap_source, dense_parameter_bytes, no_plan_error, table_footprints
 
 logger = logging.getLogger("trec")
 
@@ -203,6 +204,16 @@ def dist_max(value, group: dist.ProcessGroup | None = None):
     return type(value)(tensor.item())
 
 
+def dist_gather(value: float, group: dist.ProcessGroup | None = None) -> list[float]:
+    """Every rank's ``value`` (a number), in rank order, on every rank of ``group``."""
+    if group_size(group) == 1:
+        return [float(value)]
+    tensor = torch.tensor([value], dtype=torch.float64, device=collective_device(group))
+    gathered = [torch.empty_like(tensor) for _ in range(group_size(group))]
+    dist.all_gather(gathered, tensor, group=group)
+    return [part.item() for part in gathered]
+
+
 def dist_mean(value, group: dist.ProcessGroup | None = None):
     """The mean over the ranks of ``group``: a tensor element-wise, as a new floating tensor (the
     input is left as it is); a number as a float."""
@@ -237,7 +248,7 @@ def build_topology(cfg: ShardingConfig, ctx: DistContext):
     gib = 1024**3
     measured_ddr = int(_host_memory_bytes() / ctx.local_world_size * cfg.memory_fraction)
     measured_hbm = None
-    if ctx.device.type == "cuda":
+    if ctx.device.type == "cuda" and not cfg.hbm_cap_gb:
         measured_hbm = int(torch.cuda.get_device_properties(ctx.device).total_memory * cfg.memory_fraction)
     return TopologyFactory.create_topology(
         trainer_config=TrainerConfig(
@@ -307,47 +318,67 @@ def embedding_table_names(model: nn.Module) -> list[str]:
     return names
 
 
-def dense_parameter_bytes(model: nn.Module) -> int:
-    """Bytes of the parameters outside embedding tables (replicated on every rank).
+def plan_sharding(model: nn.Module, cfg: ShardingConfig, ctx: DistContext, batch_size: int, sharders):
+    """(torchrec ShardingPlan, :class:`~trec.memory.PlanMemory`) for ``model`` on ``ctx.world_size``
+    ranks, planned in this process; a TrecError naming the largest table when no plan fits the caps."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+    from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+    from torchrec.distributed.planner.types import PlannerError, PlannerErrorType
 
-    Given to the planner's storage reservation so that it does not have to guess the dense
-    size from unmaterialised (meta) tensors.
-    """
-    from torchrec import EmbeddingBagCollection, EmbeddingCollection
+    topology = build_topology(cfg, ctx)
+    constraints = build_constraints(cfg, embedding_table_names(model), ctx.device)
+    enumerator = EmbeddingEnumerator(topology=topology, batch_size=batch_size, constraints=constraints)
+    reservation = HeuristicalStorageReservation(
+        # At least 1 byte: torchrec reads 0 (a model of tables only, e.g. mf) as "not given" and warns.
+        percentage=0.15, dense_tensor_estimate=max(dense_parameter_bytes(model), 1)
+    )
+    chosen: list = []  # the planner hands its best plan to callbacks: keep it for the bytes per rank
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, enumerator=enumerator,
+                                       storage_reservation=reservation, constraints=constraints, debug=False,
+                                       callbacks=[lambda best: chosen.append(best) or best])
+    try:
+        plan = planner.plan(model, sharders)
+    except PlannerError as error:
+        # Both kinds mean that some proposal's shards did not fit a rank; other errors are torchrec's own.
+        if error.error_type not in (PlannerErrorType.INSUFFICIENT_STORAGE, PlannerErrorType.STRICT_CONSTRAINTS):
+            raise
+        caps = PlanMemory.of([], topology, reservation.last_reserved_topology)
+        footprints = table_footprints(enumerator.enumerate(model, sharders), caps.tier)
+        raise no_plan_error(footprints, caps, ctx.world_size, *cap_source(cfg, caps.tier)) from None
+    return plan, PlanMemory.of(chosen[-1] if chosen else [], topology, reservation.last_reserved_topology)
 
-    table_params = {
-        id(p) for m in model.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))
-        for p in m.parameters()
-    }
-    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in table_params)
+
+def _plan_or_refusal(model: nn.Module, cfg: ShardingConfig, ctx: DistContext, batch_size: int, sharders):
+    try:
+        return plan_sharding(model, cfg, ctx, batch_size, sharders)
+    except TrecError as error:
+        return error
 
 
 def shard_model(model: nn.Module, cfg: ShardingConfig, ctx: DistContext, batch_size: int) -> nn.Module:
     """Plan the sharding (collectively, identical on every rank) and wrap ``model`` in DMP.
 
-    Embedding tables are placed by torchrec's planner under the config's constraints; all other
-    parameters are replicated data-parallel. Any fused optimizer must already be attached with
-    ``apply_optimizer_in_backward`` (see trec.optim) before this call.
+    Embedding tables are placed by torchrec's planner under the config's constraints and each
+    rank's memory cap, splitting a table that does not fit one rank; all other parameters are
+    replicated data-parallel. Logs the bytes each rank holds. Any fused optimizer must already
+    be attached with ``apply_optimizer_in_backward`` (see trec.optim) before this call.
     """
+    from torchrec.distributed.collective_utils import invoke_on_rank_and_broadcast_result
     from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.planner import EmbeddingShardingPlanner
-    from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
     from torchrec.distributed.sharding_plan import get_default_sharders
     from torchrec.distributed.types import ShardingEnv
 
-    planner = EmbeddingShardingPlanner(
-        topology=build_topology(cfg, ctx),
-        batch_size=batch_size,
-        storage_reservation=HeuristicalStorageReservation(
-            # At least 1 byte: torchrec reads 0 (a model of tables only, e.g. mf) as "not given" and warns.
-            percentage=0.15, dense_tensor_estimate=max(dense_parameter_bytes(model), 1)
-        ),
-        constraints=build_constraints(cfg, embedding_table_names(model), ctx.device),
-        debug=False,
-    )
     sharders = get_default_sharders()
     pg = dist.GroupMember.WORLD
-    plan = planner.collective_plan(model, sharders, pg)
+    # Rank 0 plans and broadcasts (as torchrec's collective_plan does), a refusal included: every
+    # rank then raises the same one-line error instead of waiting for a plan that never comes.
+    outcome = invoke_on_rank_and_broadcast_result(pg, 0, _plan_or_refusal, model, cfg, ctx, batch_size, sharders)
+    if isinstance(outcome, TrecError):
+        raise outcome
+    plan, memory = outcome
+    for line in memory.lines():
+        logger.info(line)
     return DistributedModelParallel(
         module=model,
         env=ShardingEnv.from_process_group(pg),

@@ -233,6 +233,47 @@ class ClickMetrics:
         return result
 
 
+class TrainClickWindow:
+    """Training-window ``auc`` and ``ne`` of a task's click logits, through ``torchrec.metrics``.
+
+    The window is the last ``steps`` training steps of every rank (torchrec's ``window_auc`` and
+    ``window_ne``): with ``steps = logging.log_every_steps`` each log line scores the steps since
+    the previous one. Built on the first :meth:`update`, which fixes the rows of a step.
+    """
+
+    def __init__(self, world_size: int, rank: int, steps: int, device: torch.device) -> None:
+        self.world_size, self.rank, self.steps, self.device = world_size, rank, steps, device
+        self.metrics: list | None = None
+
+    def _build(self, rows_per_step: int) -> list:
+        from torchrec.metrics.auc import AUCMetric
+        from torchrec.metrics.metrics_config import RecTaskInfo
+        from torchrec.metrics.ne import NEMetric
+
+        click = RecTaskInfo(name="click", label_name="label", prediction_name="click", weight_name="weight")
+        # window_size counts rows over all ranks; compute_on_all_ranks: the gather is collective anyway.
+        common = dict(world_size=self.world_size, my_rank=self.rank, batch_size=rows_per_step, tasks=[click],
+                      window_size=rows_per_step * max(self.steps, 1) * self.world_size, compute_on_all_ranks=True)
+        return [metric.to(self.device) for metric in (AUCMetric(**common), NEMetric(**common))]
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """(R,) click logits and click labels (1, 0, or -1 for a padding row, which weighs 0)."""
+        if self.metrics is None:
+            self.metrics = self._build(logits.numel())
+        labels = labels.detach().float()
+        inputs = dict(predictions={"click": torch.sigmoid(logits.detach().float())},
+                      labels={"click": labels.clamp_min(0.0)}, weights={"click": (labels >= 0).float()})
+        for metric in self.metrics:
+            metric.update(**inputs)
+
+    def compute(self) -> dict[str, float]:
+        """{auc, ne} of the window (collective: every rank must call it; empty before any update)."""
+        if self.metrics is None:
+            return {}
+        values = {key: value.item() for metric in self.metrics for key, value in metric.compute().items()}
+        return {"auc": values["auc-click|window_auc"], "ne": values["ne-click|window_ne"]}
+
+
 def format_ranking_table(metrics: dict[str, float], columns: dict[str, str]) -> str:
     """Rows = ranking metrics found in ``metrics``; columns = {title: key prefix ('' = the model)}.
 

@@ -88,13 +88,19 @@ class RankingNegativeSampler:
 
     def __init__(self, known: Csr, num_items: int, per_positive: int,
                  hard_ratio: float = 0.0,
-                 positive_threshold: float = DEFAULT_POSITIVE_THRESHOLD) -> None:
+                 positive_threshold: float = DEFAULT_POSITIVE_THRESHOLD,
+                 popular_ratio: float = 0.0, item_counts: np.ndarray | None = None) -> None:
         self.num_items = num_items
         self.positive_threshold = positive_threshold
         self.per_positive = per_positive
         self.num_hard = int(round(per_positive * hard_ratio))
+        self.num_popular = min(int(round(per_positive * popular_ratio)), per_positive - self.num_hard)
         self._known = known.all_keys(num_items)
         self._hard: Csr | None = None
+        self._popular_cdf = None
+        if self.num_popular:  # P(item) ∝ its positive train rows, +1 so that no item is impossible
+            weights = np.asarray(item_counts, np.float64) + 1.0
+            self._popular_cdf = np.cumsum(weights) / weights.sum()
 
     def set_hard_candidates(self, candidates: Csr) -> None:
         """Per-user hard candidates (a user → items Csr); known ones are skipped."""
@@ -109,14 +115,19 @@ class RankingNegativeSampler:
         where = np.minimum(np.searchsorted(self._known, keys), max(len(self._known) - 1, 0))
         return self._known[where] == keys if len(self._known) else np.zeros(len(keys), bool)
 
-    def random(self, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """(len(users),) uniform items that are not known for their user."""
-        items = rng.integers(0, self.num_items, len(users), dtype=np.int64)
+    def random(self, users: np.ndarray, rng: np.random.Generator, popular: bool = False) -> np.ndarray:
+        """(len(users),) items not known for their user: uniform, or (``popular``) by training popularity."""
+        def draw(count: int) -> np.ndarray:
+            if not popular:
+                return rng.integers(0, self.num_items, count, dtype=np.int64)
+            return np.minimum(np.searchsorted(self._popular_cdf, rng.random(count), side="right"), self.num_items - 1)
+
+        items = draw(len(users))
         for _ in range(self._REDRAWS):
             hits = np.flatnonzero(self.is_known(users, items))
             if len(hits) == 0:
                 break
-            items[hits] = rng.integers(0, self.num_items, len(hits), dtype=np.int64)
+            items[hits] = draw(len(hits))
         return items
 
     def hard(self, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -144,13 +155,17 @@ class RankingNegativeSampler:
         return items
 
     def negatives(self, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """(len(users) X k) negative items for each row's user: hard columns first, then random."""
+        """(len(users) X k) negative items for each row's user: hard columns first, then popular, then uniform."""
         num_hard = self.num_hard if self._hard is not None else 0
+        popular_end = num_hard + self.num_popular
         repeated = np.repeat(users, self.per_positive).reshape(len(users), self.per_positive)
         out = np.empty_like(repeated)
         if num_hard:
             out[:, :num_hard] = self.hard(repeated[:, :num_hard].reshape(-1), rng).reshape(len(users), num_hard)
-        out[:, num_hard:] = self.random(repeated[:, num_hard:].reshape(-1), rng).reshape(len(users), -1)
+        if self.num_popular:
+            out[:, num_hard:popular_end] = self.random(repeated[:, num_hard:popular_end].reshape(-1), rng,
+                                                       popular=True).reshape(len(users), -1)
+        out[:, popular_end:] = self.random(repeated[:, popular_end:].reshape(-1), rng).reshape(len(users), -1)
         return out
 
     def history_rows(self, labelled: int) -> np.ndarray:

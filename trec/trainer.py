@@ -134,6 +134,7 @@ class Trainer:
         self.model.train()
         logger.info("training: %d steps (%d per epoch, batch %d x %d ranks), starting at step %d", self.total_steps,
                     self.steps_per_epoch, self.cfg.data.batch_size, self.ctx.world_size, self.state.step)
+        self.log.start_summary(self.model)
         batches = self._batches()
         start, stop = self.state.step, False
         with StopSignal(self.ctx) as signals:
@@ -147,6 +148,7 @@ class Trainer:
                     stop = self._after_step(outputs)
                     if signals.agreed():  # every rank stops after the same step
                         self.stopped_by, stop = signals.name, True
+            self.log.end_summary(self.state, self.metric)
             if self.state.step > start and self._saved_step != self.state.step:
                 self._save(f"step-{self.state.step}")
             if not self.stopped_by and signals.agreed():  # during the last save: skip the final evaluation
@@ -244,10 +246,11 @@ class Trainer:
     def final_evaluation(self, started: float) -> dict[str, float]:
         """Test metrics of the best (or last) weights → RUN/metrics.json and TensorBoard."""
         best = self.run.checkpoints / BEST
+        state, step = self.state, self.state.step  # the step of the weights evaluated
         if is_complete(best):
             load_model_weights(best, self.model)
+            step = state.best_step
         metrics = self.evaluate("test", self.test_exclusions)
-        state = self.state
         result = {**metrics, "step": state.step, "best_step": state.best_step, f"val/{self.metric}": state.best_metric,
                   "train_seconds": time.time() - started, "world_size": self.ctx.world_size}
         if self.selection is not None:  # training.validation=auto: what was chosen, and on what
@@ -256,7 +259,7 @@ class Trainer:
             atomic_write_json(self.run.metrics, result)
             if self.selection is not None:
                 self.log.tb.scalars(self.selection.metrics(), state.step)
-            self.log.final(metrics, state.step, self.cfg)
+            self.log.final(metrics, step, self.cfg, self.dataset.manifest)
         self.model.eval()  # the projector encodes items
         self.log.project_items(retriever_of(self.task), self.dataset, self.cfg.data, self.ctx, state.step)
         self.model.train()

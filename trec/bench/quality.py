@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -59,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the training runs here (default: a temporary directory, removed at the end)")
     parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every trained method, e.g. training.max_steps=100 (repeatable)")
+    parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
+                        help="trainings run side by side, one thread each (default: 2, or 1 on one core)")
 
 
 def parse_methods(text: str) -> list[str]:
@@ -139,23 +142,48 @@ def baselines(data: Path, seed: int) -> dict[str, dict]:
     return {"ease": ease, "popularity": popularity | {"train_seconds": 0.0}}
 
 
-def trec_cli(*args: object) -> None:
-    """``python -m trec ARGS`` in a subprocess; a failure stops the benchmark with its output's tail."""
+def trec_cli(*args: object, threads: int | None = None) -> None:
+    """``python -m trec ARGS`` in a subprocess (``threads``: its torch/OpenMP threads); a failure stops the
+    benchmark with its output's tail."""
     command = [sys.executable, "-m", "trec", *map(str, args)]
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
         raise TrecError(f"{' '.join(command)} failed ({proc.returncode}):\n" + "\n".join(tail))
 
 
-def train_run(model: str, data: Path, runs: Path, seed: int, overrides: list[str]) -> tuple[Path, dict]:
+def train_run(model: str, data: Path, runs: Path, seed: int, overrides: list[str],
+              threads: int | None = None) -> tuple[Path, dict]:
     """``trec train`` of ``model``'s config (one process), unless the run finished before (the two-tower
     serves both two_tower and two_stage); (run dir, its metrics.json)."""
     run_dir = (runs / f"seed{seed}" / model).resolve()
     if not (run_dir / "metrics.json").is_file():
+        print(f"seed {seed}: training {model} ...", flush=True)
         trec_cli("train", "--config", REPO / CONFIGS[model], "--data", Path(data).resolve(), "--run-dir", run_dir,
-                 f"training.seed={seed}", *overrides)
+                 f"training.seed={seed}", *overrides, threads=threads)
     return run_dir, json.loads((run_dir / "metrics.json").read_text())
+
+
+def runs_needed(methods: list[str]) -> list[str]:
+    """The configs to train for ``methods`` (two_stage: the two-tower and the DCN), each once."""
+    needed = [m for m in methods if m in ("mf", "two_tower")] + (["two_tower", "dcn"] if "two_stage" in methods else [])
+    return list(dict.fromkeys(sorted(needed, key=lambda m: -COST[m])))
+
+
+COST = {"dcn": 3, "two_tower": 2, "mf": 1}  # longest first, so the parallel runs end together
+
+
+def train_all(todo: list[tuple[str, Path, int]], runs: Path, overrides: list[str], jobs: int) -> None:
+    """Every (model, data, seed) run, ``jobs`` at a time with one thread each (small models scale
+    better over processes than over threads), or one at a time with the default threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = 1 if jobs > 1 else None
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(train_run, model, data, runs, seed, overrides, threads)
+                       for model, data, seed in todo]:
+            future.result()
 
 
 def trained(method: str, data: Path, runs: Path, seed: int, overrides: list[str]) -> dict:
@@ -164,7 +192,8 @@ def trained(method: str, data: Path, runs: Path, seed: int, overrides: list[str]
         return train_run(method, data, runs, seed, overrides)[1]
     tt_dir, tt = train_run("two_tower", data, runs, seed, overrides)
     dcn_dir, _ = train_run("dcn", data, runs, seed, overrides)
-    trec_cli("evaluate", "--run-dir", tt_dir, "--ranker-run-dir", dcn_dir)
+    if not any(key.startswith("two_stage/") for key in json.loads((dcn_dir / "metrics.json").read_text())):
+        trec_cli("evaluate", "--run-dir", tt_dir, "--ranker-run-dir", dcn_dir)
     metrics = json.loads((dcn_dir / "metrics.json").read_text())
     two_stage = {k.removeprefix("two_stage/"): v for k, v in metrics.items() if k.startswith("two_stage/")}
     return two_stage | {"train_seconds": tt["train_seconds"] + metrics["train_seconds"]}
@@ -208,17 +237,21 @@ def run(args: argparse.Namespace) -> int:
     from trec.bench.index import machine
 
     methods, seeds = parse_methods(args.methods), parse_seeds(args.seeds)
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="trec-bench-quality-") as scratch:
         runs = Path(args.runs) if args.runs else Path(scratch)
-        rows = []
-        for seed in seeds:
-            data = prepared_split(args, seed)
+        rows, splits = [], {seed: prepared_split(args, seed) for seed in seeds}
+        for seed, data in splits.items():
             if args.protocol == "leave-last-one-out":
                 check_one_test_item(data)
+        if args.jobs < 1:
+            raise TrecError(f"--jobs must be >= 1, got {args.jobs}")
+        train_all([(model, splits[seed], seed) for model in runs_needed(methods) for seed in seeds], runs,
+                  list(args.set_overrides), args.jobs)
+        for seed, data in splits.items():
             results = baselines(data, seed) if {"popularity", "ease"} & set(methods) else {}
             for method in methods:
                 if method not in results:
-                    print(f"seed {seed}: training {method} ...", flush=True)
                     results[method] = trained(method, data, runs, seed, list(args.set_overrides))
                 row = {"seed": seed, "method": method, "data": str(Path(data).resolve())}
                 row |= {c: float(results[method][c]) for c in (*COLUMNS, "train_seconds")}
@@ -234,6 +267,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{args.protocol} test split{hit_rate}, K=10, {len(seeds)} seed(s) {','.join(map(str, seeds))}"
           f"{' (mean ± std)' if len(seeds) > 1 else ''}; {machine()}, {when}")
     print(format_table(summary))
+    wall = time.perf_counter() - started
+    print(f"wall time {wall / 60:.1f} min ({args.jobs} training job(s) at a time)")
     if args.json:
         protocol = ({"data": str(Path(args.data).resolve())} if args.data else
                     {"source": str(Path(args.source).resolve()), "split": args.protocol,
@@ -241,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
                      "val_split": False})
         atomic_write_json(Path(args.json), {"benchmark": "quality", "machine": machine(), "date": when,
                                             "protocol": protocol, "seeds": seeds, "methods": methods,
-                                            "runs": rows, "summary": summary})
+                                            "runs": rows, "summary": summary,
+                                            "wall_seconds": wall, "jobs": args.jobs})
         print(f"wrote {args.json}")
     return 0

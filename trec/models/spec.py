@@ -43,7 +43,8 @@ class Task(Protocol):
     """What the training loop runs: ``forward(batch) -> (loss, outputs)``.
 
     ``outputs`` holds detached tensors: ``loss`` (0-d, logged as train/loss), other 0-d tensors
-    (logged as scalars) and 1-d ones (logged as TensorBoard histograms, e.g. embedding norms).
+    (logged as scalars) and 1-d ones (logged as TensorBoard histograms, e.g. embedding norms);
+    per-row click ``logits`` and ``labels`` (1, 0, or -1 for padding) add train/auc and train/ne.
     Optional attributes: ``augment`` (a reader hook that adds rows to each batch) and
     ``retriever`` (a :class:`Retriever`).
     """

@@ -62,6 +62,9 @@ class DCNConfig:
     hard_negative_ratio: float = 0.0
     """Share of those negatives drawn from the user's hard candidates (needs hard_negatives_run);
     the rest are uniform over the catalog. Neither kind is an item the user has in train."""
+    popular_negative_ratio: float = 0.0
+    """Share of the negatives drawn by training popularity (P ∝ positive train rows + 1) instead of
+    uniformly: candidates to re-rank are mostly popular items, which uniform negatives rarely are."""
     hard_negatives_run: str = ""
     """Run directory of a trained two-tower: its top hard_negatives_top_n non-train items per user
     are the hard candidates, mined at the start of training and cached in RUN/hard_negatives.parquet."""
@@ -89,6 +92,7 @@ class DCNConfig:
         "rating_weight": NON_NEGATIVE,
         "negatives_per_positive": NON_NEGATIVE,
         "hard_negative_ratio": FRACTION,
+        "popular_negative_ratio": FRACTION,
         "hard_negatives_top_n": POSITIVE,
         "hard_negatives_skip_top": NON_NEGATIVE,
         "eval_negatives": NON_NEGATIVE,

@@ -274,7 +274,7 @@ class RankingTask(nn.Module):
         self.model = DCNRanker(model, dcn, dataset, mean_train_rating(dataset) if dcn.rating_weight > 0 else None)
         self.augment = RankingNegativeSampler(
             dataset.user_items(["train"]), dataset.num_items, dcn.negatives_per_positive, dcn.hard_negative_ratio,
-            dataset.positive_threshold,
+            dataset.positive_threshold, dcn.popular_negative_ratio, dataset.item_counts,
         )
 
     def forward(self, batch: RecBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -296,6 +296,8 @@ class RankingTask(nn.Module):
             loss = loss + self.rating_weight * rating_loss
             outputs["rating_loss"] = rating_loss.detach()
         outputs["loss"] = loss.detach()
+        # Per-row click logits and targets: the logger's training-window auc and ne (torchrec.metrics).
+        outputs["logits"], outputs["labels"] = logits.detach(), batch.labels
         return loss, outputs
 
 
