@@ -29,6 +29,8 @@ def _categorical_spec(name: str, entity: str, mapping: Mapping, multi_hot: bool)
             "mapping_file": L.mapping_file(mapping.feature)}
     if mapping.kind == "hash":
         spec["hash_buckets"] = mapping.size
+    if mapping.kind == "managed":  # cardinality: catalog size; the model's table has zch_size rows
+        spec["zch_size"] = mapping.zch_size
     return spec
 
 

@@ -1,4 +1,4 @@
-"""ID mapping per feature: raw value → contiguous index (``vocab``) or stable hash bucket (``hash``).
+"""ID mapping per feature: raw value → contiguous index (``vocab``, ``managed``) or stable hash bucket (``hash``).
 
 vocab
     Indices 0..N-1 by descending count, ties by raw value (so the mapping is deterministic);
@@ -9,8 +9,15 @@ hash
     ``hash()``), so the same raw ID gets the same bucket in every process and every run.
     Cardinality = buckets; no OOV. The mapping file still records raw → bucket for seen IDs.
 
-Both write ``mappings/<feature>.parquet`` with columns ``raw`` (int64 or string, as in the
-source), ``index`` int64 and ``count`` int64.
+managed (user_id / item_id only)
+    Catalog indices 0..N-1 as vocab (no OOV: every seen ID is in the catalog), plus each ID's
+    ``managed_id = stable_hash(raw) % 2**40``: what the model sees. Its managed-collision
+    remapper (:mod:`trec.models.managed`) gives rows of a table of ``zch_size`` rows to IDs as
+    they stream in; the catalog index only keys the dataset's own bookkeeping (splits,
+    exclusions, negatives, export), never a table row.
+
+All write ``mappings/<feature>.parquet`` with columns ``raw`` (int64 or string, as in the
+source), ``index`` int64 and ``count`` int64 (managed: and ``managed_id`` int64).
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import pyarrow.compute as pc
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
+MANAGED_ID_BITS = 40
+"""managed: raw IDs hash into [0, 2**40), the input range of the model's managed-collision modules."""
 
 
 class ValueCounter:
@@ -93,11 +102,13 @@ class Mapping:
 
     feature: str
     kind: str
-    """'vocab' or 'hash'."""
+    """'vocab', 'hash' or 'managed'."""
     counts: pa.Table
     """Every seen raw value with its count (``raw``, ``count``), sorted by count then raw."""
     size: int
-    """vocab: N values in the vocabulary; hash: number of buckets."""
+    """vocab, managed: N values in the vocabulary (catalog); hash: number of buckets."""
+    zch_size: int = 0
+    """managed: rows of the model's table (its managed-collision remapper's output range)."""
 
     @property
     def cardinality(self) -> int:
@@ -106,7 +117,7 @@ class Mapping:
 
     @property
     def oov_index(self) -> int | None:
-        return self.size if self.kind == "vocab" else None
+        return self.size if self.kind == "vocab" else None  # managed: every seen ID is in the catalog
 
     @property
     def raw_type(self) -> pa.DataType:
@@ -114,7 +125,7 @@ class Mapping:
 
     @property
     def vocabulary(self) -> pa.Array:
-        """vocab: raw values in index order (index i ↦ vocabulary[i])."""
+        """vocab, managed: raw values in index order (index i ↦ vocabulary[i])."""
         return self.counts["raw"].slice(0, self.size).combine_chunks()
 
     def lookup(self, values: pa.Array, unknown: int | None = None) -> np.ndarray:
@@ -128,37 +139,46 @@ class Mapping:
                 out[values.is_null().to_numpy(zero_copy_only=False)] = -1 if fallback is None else fallback
             return out
         found = pc.index_in(values.cast(self.raw_type), value_set=self.vocabulary)
-        return found.fill_null(fallback).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        return found.fill_null(-1 if fallback is None else fallback).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
 
     def table(self) -> pa.Table:
         """The mapping file: raw, index, count (vocab: in index order; hash: by count)."""
         raw = self.counts["raw"]
-        if self.kind == "vocab":
+        if self.kind in ("vocab", "managed"):
             raw = raw.slice(0, self.size)
             index = pa.array(np.arange(self.size, dtype=np.int64))
             count = self.counts["count"].slice(0, self.size)
+            if self.kind == "managed":
+                return pa.table({"raw": raw, "index": index, "count": count.cast(pa.int64()),
+                                 "managed_id": pa.array(managed_ids(raw.combine_chunks()))})
         else:
             index = pa.array(self.lookup(raw.combine_chunks()))
             count = self.counts["count"]
         return pa.table({"raw": raw, "index": index, "count": count.cast(pa.int64())})
 
 
+def managed_ids(values: pa.Array) -> np.ndarray:
+    """int64 IDs in [0, 2**40) the model's managed-collision remapper receives for raw ``values``."""
+    return (stable_hash(values) & np.uint64((1 << MANAGED_ID_BITS) - 1)).astype(np.int64)
+
+
 def _null_fill(kind: pa.DataType) -> object:
     return 0 if pa.types.is_integer(kind) else ""
 
 
-def build_mapping(feature: str, counts: pa.Table, kind: str, min_count: int = 1, buckets: int = 0) -> Mapping:
-    """A vocab (values with count >= min_count, in ``counts`` order) or a hash mapping."""
+def build_mapping(feature: str, counts: pa.Table, kind: str, min_count: int = 1, buckets: int = 0,
+                  zch_size: int = 0) -> Mapping:
+    """A vocab or managed (values with count >= min_count, in ``counts`` order) or a hash mapping."""
     if kind == "hash":
         return Mapping(feature, "hash", counts, buckets)
     kept = int(pc.sum(pc.greater_equal(counts["count"], max(min_count, 1))).as_py() or 0)
-    return Mapping(feature, "vocab", counts, kept)
+    return Mapping(feature, kind, counts, kept, zch_size if kind == "managed" else 0)
 
 
 def representatives(mapping: Mapping) -> pa.Array:
     """Raw value standing for each index 0..size-1: the vocabulary itself, or for hash buckets the
     most frequent raw ID of the bucket (ties by raw value; null for an empty bucket)."""
-    if mapping.kind == "vocab":
+    if mapping.kind in ("vocab", "managed"):
         return mapping.vocabulary
     raw = mapping.counts["raw"].combine_chunks()
     buckets = mapping.lookup(raw)

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from data_pipeline import layout as L
 from data_pipeline.features import feature_mapping, write_features
 from data_pipeline.history import HistoryCollector
-from data_pipeline.mapping import Mapping, ValueCounter, build_mapping
+from data_pipeline.mapping import MANAGED_ID_BITS, Mapping, ValueCounter, build_mapping
 from data_pipeline.sources import NUMERIC, Source
 from data_pipeline.split import SPLIT_NAMES, TRAIN, Splitter
 from data_pipeline.writer import ShardWriter, file_entries
@@ -144,7 +144,8 @@ def _timed(log: Log, name: str, step):
 
 def _check_options(options: PrepareConfig, source: Source) -> dict[str, int]:
     """Validate the numeric options; returns the per-feature hash buckets from hash_features."""
-    for name, low in (("rows_per_shard", 1), ("hash_buckets", 1), ("min_count", 1), ("history_max_len", 0)):
+    for name, low in (("rows_per_shard", 1), ("hash_buckets", 1), ("zch_size", 2), ("min_count", 1),
+                      ("history_max_len", 0)):
         if getattr(options, name) < low:
             raise TrecError(f"{name} must be >= {low}, got {getattr(options, name)}")
     if options.split != "stratified" and not source.has_time:
@@ -163,7 +164,8 @@ def _check_options(options: PrepareConfig, source: Source) -> dict[str, int]:
 
 
 def _id_mapping(name: str, counts: pa.Table, options: PrepareConfig) -> Mapping:
-    return build_mapping(name, counts, str(options.id_mapping), options.min_count, options.hash_buckets)
+    return build_mapping(name, counts, str(options.id_mapping), options.min_count, options.hash_buckets,
+                         options.zch_size)
 
 
 # ---- pass 1: stage ---------------------------------------------------------------------------
@@ -210,14 +212,14 @@ def _batches(path: Path, columns: list[str] | None = None) -> Iterator[tuple[pa.
 
 def _rare_ids(mapping: Mapping, min_count: int) -> pa.Array | None:
     """Raw IDs a hash mapping drops for min_count (a vocab leaves them out itself); None: none dropped."""
-    if mapping.kind == "vocab" or min_count <= 1:
+    if mapping.kind != "hash" or min_count <= 1:
         return None
     return mapping.counts.filter(pc.less(mapping.counts["count"], min_count))["raw"].combine_chunks()
 
 
 def _id_indices(mapping: Mapping, values: pa.Array, rare: pa.Array | None) -> np.ndarray:
     """Indices of raw user/item IDs; -1 for IDs dropped by min_count (``rare``, from :func:`_rare_ids`)."""
-    if mapping.kind == "vocab":
+    if mapping.kind != "hash":
         return mapping.lookup(values, unknown=-1)
     indices = mapping.lookup(values)
     if rare is not None:
@@ -305,7 +307,9 @@ def _write_splits(mapped: _Mapped, splitter: Splitter, source: Source, root: Pat
     writers = {name: ShardWriter(root / name, schema, options.rows_per_shard) for name in names}
     item_train = np.zeros(num_items, np.int64)
     user_train = np.zeros(num_users, np.int64)
-    history = HistoryCollector(num_users, options.history_max_len, num_items) if options.history_max_len > 0 else None
+    # Spilled by user range into the scratch directory, so memory stays bounded however many rows come.
+    history = (HistoryCollector(num_users, options.history_max_len, num_items, spill_dir=root / "_work")
+               if options.history_max_len > 0 else None)
     for table, seqs in _mapped_batches(mapped):
         users, items = table[L.USER_ID].to_numpy(), table[L.ITEM_ID].to_numpy()
         times = table[L.TIMESTAMP].to_numpy()
@@ -339,6 +343,8 @@ def _manifest(source: Source, options: PrepareConfig, ids: dict[str, Mapping], s
     id_mapping = {"kind": str(options.id_mapping), "min_count": options.min_count}
     if options.id_mapping == IdMapping.hash:
         id_mapping["hash_buckets"] = options.hash_buckets
+    if options.id_mapping == IdMapping.managed:
+        id_mapping |= {"zch_size": options.zch_size, "input_hash_size": 1 << MANAGED_ID_BITS}
     return {
         "format_version": L.FORMAT_VERSION,
         "created_by": f"trec {__version__}",

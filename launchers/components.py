@@ -1,4 +1,5 @@
-"""TorchX components for trec jobs: ``torchx run -s SCHEDULER ./launchers/components.py:NAME``.
+"""TorchX components for trec jobs: ``torchx run -s SCHEDULER ./launchers/components.py:NAME`` from a checkout,
+or ``torchx run -s SCHEDULER trec.NAME`` anywhere trec is installed (``torchx.components`` entry points).
 
 Each component is a typed function whose docstring is its ``--help``. ``prepare`` runs
 ``python -m trec data prepare ...`` as one process; ``train``, ``export`` and ``evaluate`` run

@@ -44,8 +44,8 @@ and export item embeddings into a sharded FAISS index.
 
 typical flow:
   trec data prepare movielens --source ../shared/datasets/ml-100k --out data/ml100k
-  torchx run -s local_cwd ./launchers/components.py:train -j 1x2 -- \\
-      --config configs/movielens_two_tower.yaml --data data/ml100k --run-dir runs/tt
+  torchx run -s local_cwd trec.train -j 1x2 -- \\
+      --config movielens_two_tower --data data/ml100k --run-dir runs/tt
   trec export --run-dir runs/tt --out exports/tt
   trec search --index exports/tt --run-dir runs/tt --user 42 -k 10
 """

@@ -379,13 +379,13 @@ def shard_model(model: nn.Module, cfg: ShardingConfig, ctx: DistContext, batch_s
     plan, memory = outcome
     for line in memory.lines():
         logger.info(line)
-    return DistributedModelParallel(
-        module=model,
-        env=ShardingEnv.from_process_group(pg),
-        device=ctx.device,
-        plan=plan,
-        sharders=sharders,
-    )
+    # One rank has no gradient to all-reduce: DDP would only add its hooks, bucket copies and a
+    # gloo call to every step, so the dense part stays a plain module, moved as DDP would move it.
+    sharded = DistributedModelParallel(module=model, env=ShardingEnv.from_process_group(pg), device=ctx.device,
+                                       plan=plan, sharders=sharders, init_data_parallel=ctx.world_size > 1)
+    if ctx.world_size == 1:
+        sharded.module.to(ctx.device)
+    return sharded
 
 
 def describe_plan(sharded: nn.Module) -> dict[str, str]:

@@ -64,6 +64,25 @@ def non_positive_columns(row_weights: torch.Tensor, num_candidates: int) -> torc
     return dropped[None, :] & ~own
 
 
+def excluded_candidates(candidate_items: torch.Tensor, num_positives: int, mask_hits: bool,
+                        row_weights: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, C) bool: the union of :func:`accidental_hits` (with ``mask_hits``) and
+    :func:`non_positive_columns` (with ``row_weights``), or None when neither applies.
+
+    One mask, so the B X C logits are filled once forward and once backward; the non-positive
+    columns come from a (C,) vector instead of a B X C ``eye``.
+    """
+    excluded = None
+    if mask_hits:
+        excluded = candidate_items[:num_positives, None] == candidate_items[None, :]
+    if row_weights is not None:
+        # (C,): the positions of the B rows' own items whose row is no positive; never the N extras.
+        extras = torch.zeros_like(candidate_items[num_positives:], dtype=torch.bool)
+        dropped = torch.cat([row_weights <= 0, extras])
+        excluded = dropped[None, :].repeat(num_positives, 1) if excluded is None else excluded | dropped[None, :]
+    return None if excluded is None else excluded.fill_diagonal_(False)
+
+
 def scaled_logits(user, candidates, inverse_temperature, log_q: torch.Tensor | None) -> torch.Tensor:
     """(B, C) logits ``<u, v> / T - log_q``, computed in one pass over the B X C matrix.
 
@@ -117,10 +136,9 @@ def sampled_softmax_loss(
     """
     num_positives = user.shape[0]
     logits = scaled_logits(user, candidates, inverse_temperature, log_q)
-    if mask_hits:
-        logits = logits.masked_fill_(accidental_hits(candidate_items, num_positives), _MASKED)
-    if row_weights is not None:
-        logits = logits.masked_fill_(non_positive_columns(row_weights, candidates.shape[0]), _MASKED)
+    excluded = excluded_candidates(candidate_items, num_positives, mask_hits, row_weights)
+    if excluded is not None:
+        logits = logits.masked_fill_(excluded, _MASKED)
     if num_hard is not None:
         logits = keep_hardest(logits, num_positives, num_hard)
     target = torch.arange(num_positives, device=logits.device)

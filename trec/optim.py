@@ -103,7 +103,8 @@ def build_optimizer(sharded: nn.Module, cfg: OptimizerConfig, total_steps: int) 
     dense_cls = _DENSE[cfg.dense]
     dense = KeyedOptimizerWrapper(
         dense_params,
-        lambda params: dense_cls(params, lr=cfg.dense_lr, weight_decay=cfg.dense_weight_decay),
+        # foreach: each update op runs once over all the parameters, not in a Python loop (same values).
+        lambda params: dense_cls(params, lr=cfg.dense_lr, weight_decay=cfg.dense_weight_decay, foreach=True),
     )
     if cfg.grad_clip_norm > 0:
         dense = GradientClippingOptimizer(dense, clipping=GradientClipping.NORM, max_gradient=cfg.grad_clip_norm)

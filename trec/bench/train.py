@@ -13,7 +13,9 @@ its tables have ``--rows`` rows in all (user_id, item_id and user_history: a thi
 
 It prints samples/s, the ratios trec / baseline, and the embedding traffic achieved by trec
 (rows looked up per second x D x 4 bytes x 3: the forward read and the optimizer's read and
-write) against a memory-copy bandwidth measured in the same run.
+write) against a memory-copy bandwidth measured in the same run. ``--profile STEPS`` splits the
+trec step into table kernels, dense math and plumbing (:mod:`trec.bench.step_profile`);
+``--workload dcn-criteo`` runs :mod:`trec.bench.dcn_criteo` instead.
 """
 
 from __future__ import annotations
@@ -45,11 +47,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=10_500_000,
                         help="embedding rows in all: user_id, item_id, user_history get a third each (default 10.5M)")
     parser.add_argument("--interactions", type=int, default=2_000_000, help="synthetic interactions (default 2M)")
-    parser.add_argument("--dim", type=int, default=64, help="embedding width (default 64)")
+    parser.add_argument("--workload", choices=("two-tower", "dcn-criteo"), default="two-tower",
+                        help="two-tower (a prepared synthetic dataset) or dcn-criteo (a DCN-v2 ranker over 26 "
+                             "Criteo-like tables, batches built in memory; see trec/bench/dcn_criteo.py)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="dcn-criteo: factor on the table sizes (1k-2M rows at 1; default 1)")
+    parser.add_argument("--hot", type=int, default=8, help="dcn-criteo: lookups per feature and row (default 8)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile STEPS trec steps (1 rank): ms per part (tables, dense math, plumbing)")
+    parser.add_argument("--dim", type=int, help="embedding width (default 64; dcn-criteo 32)")
     parser.add_argument("--batch-size", type=int, default=1024, help="rows per rank per step (default 1024)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration (default 30)")
     parser.add_argument("--dense-steps", type=int, default=4, help="timed steps of the dense baseline (default 4)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 3; dcn-criteo 20, so that "
+                                                   "SparseAdam's moments are touched before timing)")
     parser.add_argument("--ranks", default="1,2", help="world sizes for trec (default 1,2)")
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)  # internal: one torchrun rank of the trec run
 
@@ -141,7 +152,29 @@ def trec_seconds_per_step(cfg: TrecConfig, dataset, ctx, batches, warmup: int) -
     return seconds
 
 
-def embedding_only_seconds_per_step(cfg: TrecConfig, dataset, ctx, batches, warmup: int, fused: bool) -> float:
+def trec_step_profile(cfg: TrecConfig, dataset, ctx, batches, steps: int) -> dict:
+    """:func:`trec.bench.step_profile.profile_step` of the sharded two-tower step (batches reused)."""
+    import itertools
+
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    from trec.bench.step_profile import profile_step
+    from trec.optim import build_optimizer
+    from trec.runs import build_sharded_task
+
+    model, _ = build_sharded_task(cfg, dataset, ctx, train=True)
+    pipeline = TrainPipelineSparseDist(model, build_optimizer(model, cfg.optimizer, total_steps=10**6), ctx.device)
+    model.train()
+    iterator = itertools.cycle(batches)
+    for _ in range(3):
+        pipeline.progress(iterator)
+    profile = profile_step(lambda: pipeline.progress(iterator), steps)
+    del pipeline, model
+    gc.collect()
+    return profile
+
+
+def embedding_only_seconds_per_step(cfg: TrecConfig, tables, ctx, batches, warmup: int, fused: bool) -> float:
     """The tables alone (lookup, backward, update), no MLP or loss: what each approach can win at most.
 
     fused: one EBC over every table, FBGEMM RowWiseAdagrad in backward, sharded by DMP (trec);
@@ -151,10 +184,9 @@ def embedding_only_seconds_per_step(cfg: TrecConfig, dataset, ctx, batches, warm
 
     from trec.bench.baselines import PlainEmbeddingBags
     from trec.distributed import barrier, shard_model
-    from trec.models.modules import embedding_bag_collection, embedding_tables
+    from trec.models.modules import embedding_bag_collection
     from trec.optim import attach_sparse_optimizer
 
-    tables = embedding_tables(dataset.sparse_features, cfg.model)
     if fused:
         ebc = embedding_bag_collection(tables)
         attach_sparse_optimizer(ebc, cfg.optimizer)
@@ -253,10 +285,17 @@ def _multi_rank(args: argparse.Namespace, data: Path, world_size: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.workload == "dcn-criteo":
+        from trec.bench.dcn_criteo import run as run_dcn
+
+        args.warmup = 20 if args.warmup is None else args.warmup
+        return run_dcn(args)
+    args.dim, args.warmup = args.dim or 64, 3 if args.warmup is None else args.warmup
     if args.worker_out:
         return _worker(args)
     from trec.data import PreparedDataset
     from trec.distributed import distributed_session
+    from trec.models.modules import embedding_tables
 
     data = dataset_dir(args)
     dataset = PreparedDataset.open(data)
@@ -272,11 +311,13 @@ def run(args: argparse.Namespace) -> int:
         results["trec, 1 rank"] = {"seconds_per_step": trec_seconds_per_step(cfg, dataset, ctx, batches, args.warmup),
                                    "world_size": 1, "lookups": lookups}
         print("timed trec (1 rank)", flush=True)
+        profile = trec_step_profile(cfg, dataset, ctx, batches, args.profile) if args.profile else None
+        tables = embedding_tables(dataset.sparse_features, cfg.model)
         embedding_only = {
             "trec tables only (FBGEMM fused RowWiseAdagrad)": embedding_only_seconds_per_step(
-                cfg, dataset, ctx, batches, args.warmup, fused=True),
+                cfg, tables, ctx, batches, args.warmup, fused=True),
             "(a) tables only (EmbeddingBag(sparse) + SparseAdam)": embedding_only_seconds_per_step(
-                cfg, dataset, ctx, batches, args.warmup, fused=False),
+                cfg, tables, ctx, batches, args.warmup, fused=False),
         }
         print("timed the embedding step alone", flush=True)
     results["baseline (a): EmbeddingBag(sparse) + SparseAdam"] = {
@@ -293,6 +334,11 @@ def run(args: argparse.Namespace) -> int:
         measured = _multi_rank(args, data, world_size)
         results[f"trec, {world_size} ranks"] = {**measured, "world_size": world_size}
     report = _report(results, embedding_only, args, bandwidth, rows)
+    if profile is not None:
+        from trec.bench.step_profile import profile_table
+
+        report["profile"] = profile
+        report["table"] += "\nprofile of the trec step (1 rank):\n" + profile_table({"trec, 1 rank": profile})
     print(report["table"])
     if args.json:
         atomic_write_json(Path(args.json), {k: v for k, v in report.items() if k != "table"})

@@ -7,11 +7,32 @@ Every module here keeps heavy imports (torch, torchrec, faiss) inside ``run`` so
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+from typing import Callable
+
+
+def defer_arguments(parser: argparse.ArgumentParser, add_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Run ``add_arguments(parser)`` only once this sub-command is chosen on the command line.
+
+    argparse hands a chosen sub-command's words to that parser's ``parse_known_args``; adding the arguments
+    there means the module that defines them (and what it imports at the top: torch, faiss) loads for that
+    command only, never for ``trec --help`` or another command."""
+    parse = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        parser.parse_known_args = parse  # once: the arguments are in place from now on
+        add_arguments(parser)
+        return parse(args, namespace)
+
+    parser.parse_known_args = parse_known_args
 
 
 def add_config_flags(parser: argparse.ArgumentParser, required: bool = False) -> None:
     """The shared `--config FILE` plus `--set KEY=VALUE` / trailing `KEY=VALUE` overrides."""
-    parser.add_argument("--config", required=required, metavar="FILE", help="YAML experiment config (configs/*.yaml)")
+    parser.add_argument("--config", required=required, metavar="FILE",
+                        help="YAML experiment config: a file, or the name of one trec ships (e.g. movielens_two_tower)")
     add_override_flags(parser, "override a config value by dotted key, e.g. --set optimizer.dense_lr=0.01")
 
 
@@ -49,15 +70,36 @@ def add_index_search_flags(parser: argparse.ArgumentParser) -> None:
 
 def load_index(args: argparse.Namespace):
     """The --index export as a ShardedIndex, with --nprobe / --ef-search applied."""
-    from trec.export import ShardedIndex
+    from trec.api import open_index
 
-    index = ShardedIndex.load(args.index)
-    # `is not None`: 0 and negatives reach the setters, which refuse them (0 is not "the default").
-    if args.nprobe is not None:
-        index.nprobe = args.nprobe
-    if args.ef_search is not None:
-        index.ef_search = args.ef_search
-    return index
+    return open_index(args.index, args.nprobe, args.ef_search)
+
+
+def is_main_process() -> bool:
+    """Rank 0, or a plain process: the one that prints a command's result (torchrun sets RANK)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print the result as one JSON document on stdout instead of text")
+
+
+def print_json(document: dict) -> None:
+    """``document`` as one JSON document on stdout; NaN and infinities (not JSON) become null."""
+    print(json.dumps(_plain(document), indent=2))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def item_names(dataset) -> tuple[list[str], list[str]]:
@@ -69,18 +111,29 @@ def item_names(dataset) -> tuple[list[str], list[str]]:
     return raw, [title or f"item {raw[item]}" for item, title in enumerate(titles)]
 
 
-def print_popularity_fallback(dataset, user, k: int) -> None:
-    """What `trec search` and `trec recommend` print for a user they cannot personalise
-    (``user``: a :class:`trec.evaluation.served.ServedUser` whose ``index`` is None)."""
+def popularity_fallback(dataset, user, k: int) -> list[dict]:
+    """The list `trec search` and `trec recommend` give a user they cannot personalise (``user``: a
+    :class:`trec.evaluation.served.ServedUser` whose ``index`` is None): the ``k`` items with the most
+    training interactions that the user has not seen, as ``{rank, item, positives, title}`` rows."""
     from trec.evaluation.served import popular_items, popularity_order
 
     popular = popular_items(popularity_order(dataset.item_counts), k, user.seen)
     raw, titles = item_names(dataset)
-    print(f"user {user.raw} is unknown (or has no positive training row): popularity fallback, the {len(popular)} items "
+    return [{"rank": rank, "item": raw[item], "positives": int(dataset.item_counts[item]), "title": titles[item]}
+            for rank, item in enumerate(popular.tolist(), start=1)]
+
+
+def print_popularity_fallback(dataset, user, k: int, as_json: bool = False) -> None:
+    """Print :func:`popularity_fallback` as a labelled table, or as JSON (``fallback: popularity``)."""
+    rows = popularity_fallback(dataset, user, k)
+    if as_json:
+        print_json({"user": user.raw, "fallback": "popularity", "items": rows})
+        return
+    print(f"user {user.raw} is unknown (or has no positive training row): popularity fallback, the {len(rows)} items "
           "with the most training interactions, not personalised")
     print(f"{'rank':>4}  {'item':>8}  {'positives':>11}  title")
-    for rank, item in enumerate(popular.tolist(), start=1):
-        print(f"{rank:>4}  {raw[item]:>8}  {dataset.item_counts[item]:>11}  {titles[item]}")
+    for row in rows:
+        print(f"{row['rank']:>4}  {row['item']:>8}  {row['positives']:>11}  {row['title']}")
 
 
 def describe_exclusions(user) -> str:

@@ -11,7 +11,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("config", help="inspect experiment configs")
     actions = parser.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = actions.add_parser("show", help="print CONFIG merged onto the defaults, with overrides applied")
-    show.add_argument("config", metavar="CONFIG", help="YAML file (configs/*.yaml)")
+    show.add_argument("config", metavar="CONFIG", help="YAML file, or the name of a config trec ships (configs/*.yaml)")
     add_override_flags(show, "override a config value by dotted key, e.g. --set data.batch_size=256")
     show.set_defaults(func=run_show)
 

@@ -25,8 +25,9 @@ _OPTIONS = (
     ("--val-fraction", "val_fraction", float, "per-user share of the train part moved to val (default 0)"),
     ("--last-n", "last_n", int, "leave-last-n: interactions per user held out (default 1)"),
     ("--seed", "seed", int, "seed of the split and of the synthetic generator (default 42)"),
-    ("--id-mapping", "id_mapping", str, "vocab (default) or hash, for user_id and item_id"),
+    ("--id-mapping", "id_mapping", str, "vocab (default), hash or managed, for user_id and item_id"),
     ("--hash-buckets", "hash_buckets", int, "buckets of hashed user_id/item_id (default 2^20)"),
+    ("--zch-size", "zch_size", int, "managed: rows of the user_id/item_id tables (default 2^20)"),
     ("--hash-features", "hash_features", _csv_list, "side/context features to hash, NAME:BUCKETS,..."),
     ("--min-count", "min_count", int, "drop users/items seen fewer times; rarer feature values → OOV"),
     ("--duplicates", "duplicates", str, "keep (default) or drop repeated (user, item) pairs"),
@@ -58,7 +59,7 @@ _OPTIONS = (
 
 _CHOICES = {
     "split": ("stratified", "temporal", "leave-last-n"),
-    "id_mapping": ("vocab", "hash"),
+    "id_mapping": ("vocab", "hash", "managed"),
     "duplicates": ("keep", "drop"),
     "columns.id_type": ("auto", "int", "string"),
 }

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trec.commands import add_index_search_flags, add_override_flags, add_run_dir_flag, config_overrides, load_index
+from trec.commands import (
+    add_index_search_flags,
+    add_json_flag,
+    add_override_flags,
+    add_run_dir_flag,
+    config_overrides,
+    is_main_process,
+    load_index,
+    print_json,
+)
 
 
 def register(subparsers) -> None:
@@ -28,69 +37,37 @@ def register(subparsers) -> None:
                         "(retrieval/..., two_stage/...); --set then applies to the ranker's config")
     parser.add_argument("--candidates", type=int, default=100, metavar="N",
                         help="two-stage: candidates retrieved per user (default: 100)")
+    add_json_flag(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.ranker_run_dir:
-        return run_two_stage(args)
-    from trec.distributed import distributed_session
-    from trec.errors import TrecError
+    from trec.api import evaluate
+    from trec.runs import RunDir
+
+    index = load_index(args) if args.index else None
+    metrics = evaluate(args.run_dir, args.split, index=index, ranker_run_dir=args.ranker_run_dir,
+                       candidates=args.candidates, overrides=config_overrides(args))
+    written = RunDir(Path(args.ranker_run_dir or args.run_dir)).metrics
+    if is_main_process() and args.json:
+        print_json({"run_dir": args.run_dir, "ranker_run_dir": args.ranker_run_dir, "split": args.split,
+                    "index": args.index, "metrics": metrics, "metrics_file": str(written)})
+    elif is_main_process():
+        print_tables(metrics, index, two_stage=bool(args.ranker_run_dir))
+        print(f"wrote {written}")
+    return 0
+
+
+def print_tables(metrics: dict, index, two_stage: bool) -> None:
+    """The metrics side by side: model, popularity (and index) columns, or retrieval and two-stage ones."""
     from trec.metrics import format_metrics, format_ranking_table
-    from trec.evaluation.protocol import excluded_splits
-    from trec.models import EvaluationRequest, model_spec
-    from trec.runs import check_index_binding, load_trained_run, retriever_of_run, run_config
 
-    cfg = run_config(Path(args.run_dir), config_overrides(args))
-    index = load_index(args) if args.index else None
-    with distributed_session(cfg.training.seed, cfg.training.device, cfg.logging.level) as ctx:
-        loaded = load_trained_run(Path(args.run_dir), ctx, config_overrides(args))
-        if not loaded.dataset.has_split(args.split):
-            raise TrecError(f"{cfg.data.path}: no '{args.split}' split")
-        exclusions = excluded_splits(loaded.dataset, args.split)
-        if index is not None:
-            retriever_of_run(loaded)
-            check_index_binding(index, loaded)
-        request = EvaluationRequest(args.split, exclusions, cfg.evaluation, cfg.data, cfg.training.seed, index)
-        metrics = model_spec(cfg.model.name).evaluate(loaded.task, loaded.dataset, request, ctx)
-        if ctx.is_main:
-            run = loaded.run
-            run.merge_metrics(metrics | {"evaluated_checkpoint": str(loaded.checkpoint)}, split_prefix(args.split))
-            columns = {"model": "", "popularity": "popularity/"} | ({"index": "index/"} if index else {})
-            # A ranker's metrics (auc, logloss, ...) have no top-K table.
-            print(format_ranking_table(metrics, columns) if any("@" in k for k in metrics) else format_metrics(metrics))
-            if index is not None:
-                recalls = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("index/ann_recall"))
-                print(f"index: {index.index_kind}, {index.num_shards} shards; ANN recall vs exact search: {recalls}")
-            print(f"wrote {run.metrics}")
-    return 0
-
-
-def split_prefix(split: str) -> str:
-    """Test metrics keep the plain keys (``ndcg@10``); other splits' are prefixed (``val/ndcg@10``)."""
-    return "" if split == "test" else f"{split}/"
-
-
-def run_two_stage(args: argparse.Namespace) -> int:
-    """Retrieve with --run-dir, re-rank with --ranker-run-dir, write both rows to the ranker's metrics.json."""
-    from trec.distributed import distributed_session
-    from trec.errors import TrecError
-    from trec.metrics import format_ranking_table
-    from trec.runs import RunDir, run_config
-    from trec.two_stage import evaluate_two_stage_runs
-
-    index = load_index(args) if args.index else None
-    if args.candidates < 1:
-        raise TrecError(f"--candidates: expected a positive number, got {args.candidates}")
-    ranker_dir = RunDir(Path(args.ranker_run_dir))
-    cfg = run_config(ranker_dir.root, config_overrides(args))
-    with distributed_session(cfg.training.seed, cfg.training.device, cfg.logging.level) as ctx:
-        metrics = evaluate_two_stage_runs(Path(args.run_dir), ranker_dir.root, ctx, args.split, args.candidates,
-                                          config_overrides(args), index)
-        if args.index:
-            metrics["two_stage/index"] = str(Path(args.index).resolve())
-        if ctx.is_main:
-            ranker_dir.merge_metrics(metrics, split_prefix(args.split))
-            print(format_ranking_table(metrics, {"retrieval": "retrieval/", "two_stage": "two_stage/"}))
-            print(f"wrote {ranker_dir.metrics}")
-    return 0
+    if two_stage:
+        print(format_ranking_table(metrics, {"retrieval": "retrieval/", "two_stage": "two_stage/"}))
+        return
+    columns = {"model": "", "popularity": "popularity/"} | ({"index": "index/"} if index else {})
+    # A ranker's metrics (auc, logloss, ...) have no top-K table.
+    print(format_ranking_table(metrics, columns) if any("@" in k for k in metrics) else format_metrics(metrics))
+    if index is not None:
+        recalls = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("index/ann_recall"))
+        print(f"index: {index.index_kind}, {index.num_shards} shards; ANN recall vs exact search: {recalls}")

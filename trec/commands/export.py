@@ -4,9 +4,8 @@ write the servable bundle (with a ranker run when given)."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from trec.commands import add_override_flags, add_run_dir_flag, config_overrides
+from trec.commands import add_override_flags, add_run_dir_flag, config_overrides, is_main_process
 
 
 def register(subparsers) -> None:
@@ -31,20 +30,12 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trec.data import PreparedDataset
-    from trec.distributed import distributed_session
-    from trec.export.encode import bundled_run, export_run
-    from trec.runs import load_trained_run, run_config
+    from trec.export.encode import export_trained_run
 
-    cfg = run_config(Path(args.run_dir), config_overrides(args))
-    with distributed_session(cfg.training.seed, cfg.training.device, cfg.logging.level) as ctx:
-        dataset = PreparedDataset.open(cfg.data.path, positive_threshold=cfg.data.positive_threshold)
-        # Checked before any model is loaded: a ranker of another dataset is refused in one line.
-        ranker = bundled_run(Path(args.ranker_run_dir), dataset) if args.ranker_run_dir else None
-        loaded = load_trained_run(Path(args.run_dir), ctx, config_overrides(args), dataset)
-        manifest = export_run(loaded, Path(args.out), ctx, users=args.users or cfg.export.users,
-                              overwrite=args.overwrite, ranker=ranker)
-        if ctx.is_main:
-            print(f"exported {manifest['num_vectors']:,} items ({manifest['dimension']}-d, {manifest['factory']}, "
-                  f"{manifest['num_shards']} shards) from {loaded.checkpoint} to {args.out}")
+    manifest = export_trained_run(args.run_dir, args.out, users=True if args.users else None,
+                                  ranker_run_dir=args.ranker_run_dir, overwrite=args.overwrite,
+                                  overrides=config_overrides(args))
+    if is_main_process():
+        print(f"exported {manifest['num_vectors']:,} items ({manifest['dimension']}-d, {manifest['factory']}, "
+              f"{manifest['num_shards']} shards) from {manifest['source']['checkpoint']} to {args.out}")
     return 0

@@ -6,11 +6,13 @@ import argparse
 from pathlib import Path
 
 from trec.commands import (
+    add_json_flag,
     add_override_flags,
     add_run_dir_flag,
     config_overrides,
     describe_exclusions,
     item_names,
+    print_json,
     print_popularity_fallback,
 )
 
@@ -35,6 +37,7 @@ def register(subparsers) -> None:
     parser.add_argument("--include-seen", action="store_true",
                         help="also recommend items the user already has in the dataset (any split)")
     add_override_flags(parser, "override a value of both runs' configs, e.g. --set training.device=cpu")
+    add_json_flag(parser)
     parser.set_defaults(func=run)
 
 
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     check_k(args.k, dataset.num_items)
     user = serve_user(dataset, args.user, args.include_seen)
     if user.index is None:
-        print_popularity_fallback(dataset, user, args.k)
+        print_popularity_fallback(dataset, user, args.k, args.json)
         return 0
     raw_items, titles = item_names(dataset)
     candidates = min(args.candidates, dataset.num_items)
@@ -67,7 +70,14 @@ def run(args: argparse.Namespace) -> int:
             score, weight = ranker_of(ranker, dataset, ctx), ranker.cfg.model.dcn.retrieval_weight
         found = recommend_for_user(user.index, retriever, score, dataset, user.exclude_splits, args.k, candidates,
                                    ctx, weight)
-        if ctx.is_main:
+        if ctx.is_main and args.json:
+            print_json({"user": user.raw, "reranked": score is not None, "retrieval_weight": weight,
+                        "candidates": candidates, "excluded_splits": list(user.exclude_splits),
+                        "excluded_items": len(user.seen),
+                        "items": [{"rank": rank, "item": raw_items[rec.item], "score": rec.ranker_score,
+                                   "retrieval_score": rec.retrieval_score, "retrieval_rank": rec.retrieval_rank,
+                                   "title": titles[rec.item]} for rank, rec in enumerate(found, start=1)]})
+        elif ctx.is_main:
             blend = f" + {weight:g} x retrieval score" if weight else ""
             how = (f"two-tower top {candidates} re-ranked by the ranker{blend}" if score is not None
                    else "two-tower retrieval order")

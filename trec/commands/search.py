@@ -7,12 +7,14 @@ from pathlib import Path
 
 from trec.commands import (
     add_index_search_flags,
+    add_json_flag,
     add_override_flags,
     add_run_dir_flag,
     config_overrides,
     describe_exclusions,
     item_names,
     load_index,
+    print_json,
     print_popularity_fallback,
 )
 
@@ -34,6 +36,7 @@ def register(subparsers) -> None:
     parser.add_argument("--include-seen", action="store_true",
                         help="keep items the user already has in the dataset (any split)")
     add_override_flags(parser, "override a value of the run's config, e.g. --set training.device=cpu")
+    add_json_flag(parser)
     parser.set_defaults(func=run)
 
 
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     check_run_dataset(Path(args.run_dir), dataset)
     user = serve_user(dataset, args.user, args.include_seen)
     if user.index is None:
-        print_popularity_fallback(dataset, user, args.k)
+        print_popularity_fallback(dataset, user, args.k, args.json)
         return 0
     raw_items, titles = item_names(dataset)
     with distributed_session(cfg.training.seed, cfg.training.device, "WARNING") as ctx:
@@ -67,8 +70,14 @@ def run(args: argparse.Namespace) -> int:
         excluded = torch.as_tensor(pair_key(0, user.seen, dataset.num_items)) if len(user.seen) else None
         items, scores = index_topk(index, dataset.num_items)(vector, excluded, args.k)
         rows = [(int(i), float(s)) for i, s in zip(items[0].tolist(), scores[0].tolist()) if i >= 0]
-        print(f"user {args.user}: top {len(rows)} of {index.num_vectors:,} items ({index.index_kind}, "
-              f"{describe_exclusions(user)})")
-        for rank, (item, score) in enumerate(rows, start=1):
-            print(f"{rank:>3}. {raw_items[item]:>10}  {score:8.4f}  {titles[item]}")
+    if args.json:
+        print_json({"user": user.raw, "index": {"kind": index.index_kind, "num_vectors": index.num_vectors},
+                    "excluded_splits": list(user.exclude_splits), "excluded_items": len(user.seen),
+                    "items": [{"rank": rank, "item": raw_items[item], "score": score, "title": titles[item]}
+                              for rank, (item, score) in enumerate(rows, start=1)]})
+        return 0
+    print(f"user {args.user}: top {len(rows)} of {index.num_vectors:,} items ({index.index_kind}, "
+          f"{describe_exclusions(user)})")
+    for rank, (item, score) in enumerate(rows, start=1):
+        print(f"{rank:>3}. {raw_items[item]:>10}  {score:8.4f}  {titles[item]}")
     return 0

@@ -16,19 +16,21 @@ ranges), :mod:`~trec.config.loader` (YAML and overrides), :mod:`~trec.config.val
 checked when the config is built); a model's own section lives in its folder under trec/models/.
 """
 
-from trec.config.loader import config_to_dict, config_to_yaml, load_config, save_config
+from trec.config.loader import (apply_overrides, config_to_dict, config_to_yaml, load_config, packaged_configs,
+                                resolve_config_path, save_config)
 from trec.config.prepare import ColumnsConfig, Duplicates, IdMapping, PrepareConfig, SplitKind, SyntheticConfig
 from trec.config.sections import (CheckpointConfig, ComputeKernel, DataConfig, DenseOptimizer, EvaluationConfig,
-                                  ExportConfig, Gain, IndexKind, LoggingConfig, LRDecay, ModelConfig, OptimizerConfig,
-                                  PipelineKind, Pooling, ShardingConfig, ShardingKind, SparseOptimizer, TableConfig,
-                                  TableShardingConfig, TrainingConfig, TrecConfig, Validation)
+                                  Eviction, ExportConfig, Gain, IndexKind, LoggingConfig, LRDecay, ManagedCollisionConfig,
+                                  ModelConfig, OptimizerConfig, PipelineKind, Pooling, Remap, ShardingConfig,
+                                  ShardingKind, SparseOptimizer, TableConfig, TableShardingConfig, TrainingConfig, TrecConfig, Validation)
 from trec.config.types import Choice, Range
 from trec.config.validation import validate_config
 
 __all__ = [
     "CheckpointConfig", "Choice", "ColumnsConfig", "ComputeKernel", "DataConfig", "DenseOptimizer", "Duplicates",
-    "EvaluationConfig", "ExportConfig", "Gain", "IdMapping", "IndexKind", "LoggingConfig", "LRDecay", "ModelConfig",
-    "OptimizerConfig", "PipelineKind", "Pooling", "PrepareConfig", "Range", "ShardingConfig", "ShardingKind",
+    "EvaluationConfig", "Eviction", "ExportConfig", "Gain", "IdMapping", "IndexKind", "LoggingConfig", "LRDecay", "ManagedCollisionConfig", "ModelConfig",
+    "OptimizerConfig", "PipelineKind", "Pooling", "PrepareConfig", "Range", "Remap", "ShardingConfig", "ShardingKind",
     "SparseOptimizer", "SplitKind", "SyntheticConfig", "TableConfig", "TableShardingConfig", "TrainingConfig",
-    "TrecConfig", "Validation", "config_to_dict", "config_to_yaml", "load_config", "save_config", "validate_config",
+    "TrecConfig", "Validation", "apply_overrides", "config_to_dict", "config_to_yaml", "load_config", "packaged_configs",
+    "resolve_config_path", "save_config", "validate_config",
 ]

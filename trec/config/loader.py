@@ -81,9 +81,32 @@ def _load_yaml(text: str):
     return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+def packaged_configs() -> dict[str, Path]:
+    """The configs trec ships (configs/*.yaml, installed as the package ``trec.configs``) by name."""
+    from importlib import resources
+
+    try:
+        root = resources.files("trec.configs")
+    except ModuleNotFoundError:  # a source tree on PYTHONPATH, not installed: configs/ is beside it
+        return {}
+    return {entry.name[: -len(".yaml")]: Path(str(entry)) for entry in root.iterdir() if entry.name.endswith(".yaml")}
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """``path`` when it exists; otherwise the config trec ships under that name, so that an installed trec needs
+    no checkout: ``movielens_two_tower``, ``movielens_two_tower.yaml`` and ``configs/movielens_two_tower.yaml``
+    all name configs/movielens_two_tower.yaml. Any other path is returned as given (and reported missing)."""
+    given = Path(path)
+    if given.exists() or given.parent not in (Path("."), Path("configs")):
+        return given
+    name = given.stem if given.suffix in (".yaml", ".yml") else given.name
+    return packaged_configs().get(name, given)
+
+
 def read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise TrecError(f"config file not found: {path}")
+        shipped = ", ".join(sorted(packaged_configs())) if path.parent in (Path("."), Path("configs")) else ""
+        raise TrecError(f"config file not found: {path}" + (f" (trec ships: {shipped})" if shipped else ""))
     data = path.read_bytes()
     if len(data) > _MAX_CONFIG_BYTES:
         raise TrecError(f"{path}: {len(data):,} bytes is too large for a config (at most {_MAX_CONFIG_BYTES:,})")
@@ -153,21 +176,32 @@ def _override_layer(key: str, value: object) -> dict:
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str], schema: type[TrecConfig]) -> TrecConfig:
     """Defaults ← YAML file ← `key=value` overrides, validated against the dataclasses of ``schema``.
 
+    ``path`` is a YAML file or the name of a config trec ships (see :func:`resolve_config_path`).
+
     ``schema`` is :class:`TrecConfig` with a section per registered model under ``model``: use
     :func:`trec.models.load_config`, which passes it. Raises TrecError naming the file (or the
     override) and the dotted key on an unknown key, a wrong type or an invalid choice.
     """
     merged = OmegaConf.structured(schema)
     if path is not None:
+        path = resolve_config_path(path)
         merged = _merge(merged, OmegaConf.create(read_yaml(Path(path))), str(path))
+    return _build(merged, overrides, str(path) if path is not None else "config")
+
+
+def apply_overrides(cfg: TrecConfig, overrides: Sequence[str]) -> TrecConfig:
+    """A copy of the built config ``cfg`` with the dotted ``overrides`` applied, validated like a loaded one."""
+    return _build(OmegaConf.structured(cfg), overrides, "config")
+
+
+def _build(merged, overrides: Sequence[str], where: str) -> TrecConfig:
     for text in overrides:
         key, value = _parse_override(text)
         merged = _merge(merged, OmegaConf.create(_override_layer(key, value)), f"override {quote(text)}")
     try:
         cfg = OmegaConf.to_object(merged)
     except oc_errors.OmegaConfBaseException as error:
-        raise TrecError(f"{path or 'config'}: {_describe(error)}") from None
-    where = str(path) if path is not None else "config"
+        raise TrecError(f"{where}: {_describe(error)}") from None
     validate_config(cfg, f"{where} with overrides" if overrides else where)
     return cfg
 

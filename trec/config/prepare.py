@@ -21,6 +21,9 @@ class IdMapping(Choice):
     """Contiguous indices by descending frequency, plus one out-of-vocabulary index."""
     hash = "hash"
     """A stable 64-bit hash into hash_buckets (for unbounded ID spaces); no vocabulary kept."""
+    managed = "managed"
+    """Stable 40-bit hashes of the raw IDs; the model's managed-collision remapper (LFU/LRU) gives
+    them rows of a zch_size-row table as they stream in (two_tower only)."""
 
 
 class Duplicates(Choice):
@@ -91,6 +94,8 @@ class PrepareConfig:
     """Mapping of user_id and item_id."""
     hash_buckets: int = 1 << 20
     """Buckets of hash-mapped user_id/item_id."""
+    zch_size: int = 1 << 20
+    """managed: rows of the user_id and item_id tables (model.tables.NAME.zch_size overrides per table)."""
     hash_features: list[str] = field(default_factory=list)
     """Side or context features to hash instead of vocab-map, as NAME:BUCKETS."""
     min_count: int = 1

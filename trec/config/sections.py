@@ -50,6 +50,34 @@ class TableConfig:
     """Embedding width; defaults to model.embedding_dim."""
     pooling: Pooling | None = None
     """How a multi-hot bag is reduced; defaults to mean for multi-hot features and sum otherwise."""
+    zch_size: int | None = None
+    """Managed ID features (--id-mapping managed) only: rows of the table, i.e. the managed-collision
+    remapper's output range; defaults to the dataset's zch_size."""
+
+
+class Eviction(Choice):
+    lfu = "lfu"
+    """Least frequently used: a full table admits a new ID only when it is seen more often than the rarest."""
+    lru = "lru"
+    """Least recently used: a full table gives the row of the longest-unseen ID to a new one."""
+
+
+class Remap(Choice):
+    mch = "mch"
+    """torchrec's MCHManagedCollisionModule: IDs claim rows, the eviction policy decides when full."""
+    modulo = "modulo"
+    """Baseline: row = ID % zch_size (plain hashing at the same table size, for comparisons)."""
+
+
+@dataclass
+class ManagedCollisionConfig:
+    """The managed-collision remapper of managed user_id/item_id (torchrec's MCHManagedCollisionModule)."""
+
+    remap: Remap = Remap.mch
+    eviction: Eviction = Eviction.lfu
+    eviction_interval: int = 1
+    """Training steps between row assignments; 1: new IDs claim rows in the step they first appear
+    (and the state a checkpoint holds is complete: nothing is pending in a history buffer)."""
 
 
 @dataclass
@@ -62,6 +90,8 @@ class ModelConfig:
     """Default width of every embedding table."""
     tables: dict[str, TableConfig] = field(default_factory=dict)
     """Per-feature table overrides, keyed by feature name from the dataset manifest."""
+    managed_collision: ManagedCollisionConfig = field(default_factory=ManagedCollisionConfig)
+    """How managed user_id/item_id (--id-mapping managed) are remapped to table rows."""
 
     def section(self) -> object:
         """The chosen model's own section, ``model.<name>`` (None for a model without one)."""

@@ -80,9 +80,16 @@ class RecBatch(Batch):
 def keyed_jagged(names: list[str], lengths: list[np.ndarray], values: list[np.ndarray],
                  stride: int) -> KeyedJaggedTensor:
     """One KJT of stride R from each key's (lengths (R,), values) numpy arrays, keys in ``names`` order
-    (lengths become int32, values int64, as FBGEMM's kernels take them)."""
+    (lengths become int32, values int64, as FBGEMM's kernels take them).
+
+    Values per key are known here, so the KJT carries them (``length_per_key``, ``offset_per_key``):
+    torchrec's input dist would otherwise sum the lengths per key again at every split and permute.
+    """
+    counts = [len(v) for v in values]
     return KeyedJaggedTensor(
         keys=list(names),
+        length_per_key=counts,
+        offset_per_key=np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).tolist(),
         values=torch.from_numpy(np.concatenate([v.astype(np.int64, copy=False) for v in values])
                                 if values else np.zeros(0, np.int64)),
         lengths=torch.from_numpy(np.concatenate([n.astype(np.int32, copy=False) for n in lengths])
@@ -101,10 +108,12 @@ class FeatureSpec:
     """'categorical' (a KJT key) or 'numeric' (a dense column)."""
     multi_hot: bool = False
     cardinality: int | None = None
-    """Embedding-table rows (vocab size + 1 for OOV, or hash buckets)."""
+    """Embedding-table rows (vocab size + 1 for OOV, or hash buckets); managed: the catalog size."""
+    zch_size: int | None = None
+    """managed: rows of the model's table (the managed-collision remapper's output range)."""
     oov_index: int | None = None
     mapping: str | None = None
-    """'vocab' or 'hash'."""
+    """'vocab', 'hash' or 'managed'."""
     mapping_file: str | None = None
     mean: float | None = None
     std: float | None = None
@@ -146,6 +155,7 @@ _FEATURE_FIELDS = {
     "kind": JsonField(str),
     "multi_hot": JsonField(bool, required=False),
     "cardinality": JsonField(int, minimum=1, nullable=True, required=False),
+    "zch_size": JsonField(int, minimum=2, nullable=True, required=False),
     "oov_index": JsonField(int, minimum=0, nullable=True, required=False),
     "mapping": JsonField(str, nullable=True, required=False),
     "mapping_file": JsonField(str, nullable=True, required=False),

@@ -16,6 +16,7 @@ from data_pipeline import layout as L
 from trec.data.batch import FeatureSpec, RecBatch, keyed_jagged
 from trec.data.checks import check_finite, check_id_table, check_indices, parquet_errors, read_manifest
 from trec.data.csr import Csr, pair_key
+from trec.data.managed import is_managed, read_managed_ids
 from trec.data.tables import SERVING, read_popularity
 from trec.errors import TrecError
 
@@ -46,6 +47,7 @@ class PreparedDataset:
         self._positives: dict[tuple[str, float], tuple[np.ndarray, np.ndarray]] = {}
         self._positive_counts: dict[float, np.ndarray] = {}
         self._titles: list[str] | None = None
+        self._managed_ids: dict[str, np.ndarray] = {}
         self._load_tables()
 
     # ---- opening ------------------------------------------------------------------------
@@ -174,7 +176,7 @@ class PreparedDataset:
     def raw_ids(self, feature: str) -> np.ndarray:
         """index → raw ID of a vocab feature: array of length N (int64, or object of str)."""
         spec, table = self.mapping(feature)
-        if spec.mapping != "vocab":
+        if spec.mapping not in ("vocab", "managed"):
             raise TrecError(f"feature '{spec.name}' is hash-mapped: indices cannot be turned back into raw IDs "
                             f"(seen raw IDs and their buckets are in {spec.mapping_file})")
         return table["raw"].to_numpy(zero_copy_only=False)
@@ -188,7 +190,7 @@ class PreparedDataset:
         """
         spec, table = self.mapping(feature)
         labels = [""] * int(spec.cardinality)
-        if spec.mapping == "vocab":
+        if spec.mapping in ("vocab", "managed"):
             for index, raw in enumerate(table["raw"].to_pylist()):
                 labels[index] = str(raw)
             return labels
@@ -361,16 +363,26 @@ class PreparedDataset:
             max_len = (spec.max_len or 0) if history_max_len is None else history_max_len
             if max_len <= 0 or self._history is None:
                 return np.zeros(rows, np.int32), np.zeros(0, np.int64)
-            return self._history.last(index, max_len, exclude)
+            lengths, values = self._history.last(index, max_len, exclude)
+            return lengths, self.model_ids(self.feature(L.ITEM_ID), values)
         if spec.name in (L.USER_ID, L.ITEM_ID):
             present = index >= 0
-            return present.astype(np.int32), index[present]
+            return present.astype(np.int32), self.model_ids(spec, index[present])
         if spec.multi_hot:
             return self._multi[spec.name].rows(index)
         table = self._single[spec.name]
         values = np.where(index >= 0, table[np.where(index >= 0, index, 0)], -1)
         present = values >= 0  # hashed side features store -1 for a missing value
         return present.astype(np.int32), values[present]
+
+    def model_ids(self, spec: FeatureSpec, indices: np.ndarray) -> np.ndarray:
+        """What the model's KJT carries for catalog ``indices`` of user_id/item_id: the indices
+        themselves, or for a managed mapping their managed IDs (:mod:`trec.data.managed`)."""
+        if not is_managed(spec):
+            return indices
+        if spec.name not in self._managed_ids:
+            self._managed_ids[spec.name] = read_managed_ids(self.path, spec)
+        return self._managed_ids[spec.name][indices]
 
     def _dense(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """(R X F) standardised numeric features; 0 (the mean) where the row has no entity."""

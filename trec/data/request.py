@@ -126,7 +126,8 @@ def request_batch(dataset: PreparedDataset, users: Sequence[RequestUser], rows: 
             key_lengths, key_values = jagged.lengths().numpy(), jagged.values().numpy()
         else:
             jagged = user_keys[spec.name]
-            per_user = _user_values(spec, users, jagged.lengths().numpy(), jagged.values().numpy(), max_len)
+            per_user = _user_values(spec, users, jagged.lengths().numpy(), jagged.values().numpy(), max_len,
+                                    lambda items: dataset.model_ids(dataset.feature(L.ITEM_ID), items))
             key_lengths, key_values = per_user.rows(rows)
         lengths.append(key_lengths)
         values.append(key_values)
@@ -143,8 +144,9 @@ def request_batch(dataset: PreparedDataset, users: Sequence[RequestUser], rows: 
 
 
 def _user_values(spec: FeatureSpec, users: Sequence[RequestUser], lengths: np.ndarray, values: np.ndarray,
-                 max_len: int) -> Csr:
-    """One user-side key's values per request user (a Csr of len(users) rows): stored, then what was sent."""
+                 max_len: int, model_items=lambda items: items) -> Csr:
+    """One user-side key's values per request user (a Csr of len(users) rows): stored, then what was sent
+    (sent history items through ``model_items``: catalog indices → what the model's KJT carries)."""
     offsets = np.zeros(len(users) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
     stored = Csr(offsets, values)
@@ -156,7 +158,7 @@ def _user_values(spec: FeatureSpec, users: Sequence[RequestUser], lengths: np.nd
         elif spec.name == L.USER_ID and user.index < 0:
             changed[position] = np.zeros(0, np.int64) if spec.oov_index is None else np.array([spec.oov_index])
         elif spec.name == L.USER_HISTORY and user.history is not None and len(user.history):
-            history = np.concatenate([stored.row(position), np.asarray(user.history, np.int64)])
+            history = np.concatenate([stored.row(position), model_items(np.asarray(user.history, np.int64))])
             changed[position] = history[max(len(history) - max_len, 0):] if max_len > 0 else history[:0]
         elif spec.name in user.features:
             changed[position] = np.atleast_1d(np.asarray(user.features[spec.name], np.int64))

@@ -1,6 +1,7 @@
 """Offline export of item embeddings into a sharded FAISS index, and search over it.
 
-The only package in trec that imports faiss (lazily, in :mod:`trec.export.backend`).
+The only package in trec that imports faiss (lazily, in :mod:`trec.export.backend`). Called, the
+package exports a trained run: ``trec.export(run_dir, out)`` is :func:`~trec.export.encode.export_trained_run`.
 
 Export (collective: call on every rank; a single process works the same)::
 
@@ -21,12 +22,14 @@ Search::
 """
 
 import importlib
+import sys
+import types
 
 # name → submodule. Resolved on first use (PEP 562), so that importing one light submodule (or
 # building the CLI parser) does not import torch through the distributed builder.
 _EXPORTS = {
     "SHARDING_RULE": "build", "build_sharded_index": "build", "shard_of": "build", "shards_of_rank": "build",
-    "exact_topk": "exact", "recall_at_k": "exact",
+    "export_trained_run": "encode", "exact_topk": "exact", "recall_at_k": "exact",
     "IndexSpec": "kinds", "add_vectors": "kinds", "index_spec": "kinds", "new_index": "kinds",
     "set_search_params": "kinds", "train_template": "kinds",
     "export_directory": "layout", "shard_file": "layout",
@@ -43,3 +46,17 @@ def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'trec.export' has no attribute '{name}'")
     return getattr(importlib.import_module(f"trec.export.{_EXPORTS[name]}"), name)
+
+
+class _CallablePackage(types.ModuleType):
+    """``trec.export(run_dir, out, ...)``, the public API's export, is this package called
+    (:func:`trec.export.encode.export_trained_run`): once imported, a package is the attribute of its
+    name on its parent, so a plain function ``trec.export`` would be replaced by it."""
+
+    def __call__(self, run_dir, out, **options) -> dict:
+        from trec.export.encode import export_trained_run
+
+        return export_trained_run(run_dir, out, **options)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

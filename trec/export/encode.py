@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -118,3 +118,30 @@ def export_run(loaded, out: Path, ctx, users: bool = False, overwrite: bool = Fa
         device = "cuda" if ctx.device.type == "cuda" else "cpu"
         return build_sharded_index(tmp, cfg.export, normalized=retriever.normalized, source=source,
                                    device=device)
+
+
+def export_trained_run(run_dir: str | Path, out: str | Path, *, users: bool | None = None,
+                       ranker_run_dir: str | Path | None = None, overwrite: bool = False,
+                       overrides: Sequence[str] = ()) -> dict:
+    """Export the trained two-tower run ``run_dir`` into ``out`` and return its manifest: `trec export`, and
+    ``trec.export(...)`` in Python.
+
+    The run's best (or newest) checkpoint encodes the catalog into a sharded FAISS index, and ``out/bundle/``
+    gets what `trec serve` and :class:`trec.Recommender` load, with ``ranker_run_dir`` (a DCN run of the same
+    dataset) as re-ranker when given. ``users``: also export user vectors (None: the config's ``export.users``);
+    ``overrides``: dotted keys applied to the run's config, e.g. ``export.index=hnsw``. Runs in this process,
+    or collectively on every rank when the caller runs under torchrun.
+    """
+    from trec.data import PreparedDataset
+    from trec.distributed import distributed_session
+    from trec.runs import load_trained_run, run_config
+
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir, overrides)
+    with distributed_session(cfg.training.seed, cfg.training.device, cfg.logging.level) as ctx:
+        dataset = PreparedDataset.open(cfg.data.path, positive_threshold=cfg.data.positive_threshold)
+        # Checked before any model is loaded: a ranker of another dataset is refused in one line.
+        ranker = bundled_run(Path(ranker_run_dir), dataset) if ranker_run_dir else None
+        loaded = load_trained_run(run_dir, ctx, overrides, dataset)
+        return export_run(loaded, Path(out), ctx, users=cfg.export.users if users is None else users,
+                          overwrite=overwrite, ranker=ranker)

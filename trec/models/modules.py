@@ -12,6 +12,7 @@ from torchrec.modules.mlp import MLP
 from trec.config import ModelConfig, Pooling
 from trec.data import FeatureSpec
 from trec.errors import TrecError
+from trec.models.managed import managed_rows, refuse_managed
 
 
 def check_table_overrides(cfg: ModelConfig, features: Sequence[FeatureSpec]) -> None:
@@ -24,12 +25,16 @@ def check_table_overrides(cfg: ModelConfig, features: Sequence[FeatureSpec]) -> 
         )
 
 
-def embedding_tables(features: Sequence[FeatureSpec], cfg: ModelConfig) -> list[EmbeddingBagConfig]:
+def embedding_tables(features: Sequence[FeatureSpec], cfg: ModelConfig,
+                     managed: bool = False) -> list[EmbeddingBagConfig]:
     """One table per categorical feature, named after it; width and pooling from the config.
 
     Multi-hot bags (genres, history) are mean-pooled by default so that their scale does not
-    grow with the bag's length.
+    grow with the bag's length. ``managed``: the model remaps managed IDs (:mod:`trec.models.managed`),
+    whose tables get zch_size rows; otherwise a managed feature is refused.
     """
+    if not managed:
+        refuse_managed(features, cfg)
     tables = []
     for feature in features:
         override = cfg.tables.get(feature.name)
@@ -41,7 +46,7 @@ def embedding_tables(features: Sequence[FeatureSpec], cfg: ModelConfig) -> list[
             EmbeddingBagConfig(
                 name=feature.name,
                 embedding_dim=dim,
-                num_embeddings=feature.cardinality,
+                num_embeddings=managed_rows(feature, cfg) if feature.zch_size else feature.cardinality,
                 feature_names=[feature.name],
                 pooling=PoolingType.MEAN if pooling == Pooling.mean else PoolingType.SUM,
             )

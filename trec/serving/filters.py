@@ -37,7 +37,8 @@ class ItemFilters:
     def __init__(self, tables: PreparedDataset, max_values: int = 1000) -> None:
         self.num_items = tables.num_items
         self.max_values = max_values
-        specs = [f for f in tables.sparse_features if f.entity == "item"]
+        # A managed item_id carries raw-ID hashes in batches, not catalog indices: not a filter.
+        specs = [f for f in tables.sparse_features if f.entity == "item" and f.mapping != "managed"]
         rows = tables.build_batch(np.full(self.num_items, -1, np.int64), np.arange(self.num_items, dtype=np.int64),
                                   np.zeros(0, np.float32), history_max_len=0)
         keys = rows.sparse_features.to_dict()

@@ -20,6 +20,7 @@ from trec.data import PreparedDataset, RecBatch
 from trec.errors import TrecError
 from trec.losses import accidental_hits, candidate_log_q, sampled_softmax_loss
 from trec.models.mf.config import MFConfig, MFLoss
+from trec.models.managed import refuse_managed
 from trec.models.modules import check_table_overrides
 from trec.negatives import ExtraItemSampler, popularity_distribution
 
@@ -30,6 +31,7 @@ def id_tables(model: ModelConfig, dataset: PreparedDataset) -> list[EmbeddingCon
     Both widths must be equal: the score is the dot product of the two vectors.
     """
     check_table_overrides(model, dataset.sparse_features)
+    refuse_managed(dataset.sparse_features, model)
     features = {feature.name: feature for feature in dataset.sparse_features}
     tables = []
     for name in (USER_ID, ITEM_ID):

@@ -21,6 +21,7 @@ from torchrec.modules.mlp import MLP
 from trec.config import ModelConfig
 from trec.data import PreparedDataset, RecBatch
 from trec.losses import candidate_log_q, pointwise_bce_loss, sampled_softmax_loss
+from trec.models.managed import build_managed_ids, catalog_index
 from trec.models.modules import NumericArch, check_table_overrides, embedding_bag_collection, embedding_tables
 from trec.models.two_tower.config import NegativeStrategy, RetrievalLoss, RetrievalLossConfig, TwoTowerConfig
 from trec.negatives import ExtraItemSampler, popularity_distribution
@@ -76,24 +77,31 @@ class TwoTower(nn.Module):
         check_table_overrides(model, dataset.sparse_features)
         self.user_tower = self._tower(model, cfg, dataset, USER_SIDE)
         self.item_tower = self._tower(model, cfg, dataset, ITEM_SIDE)
+        # Managed user_id/item_id: raw-ID hashes → table rows, replicated in front of the sharded tables.
+        self.managed_ids = build_managed_ids(dataset.sparse_features, model)
         self.normalized = cfg.normalize
 
     @staticmethod
     def _tower(model: ModelConfig, cfg: TwoTowerConfig, dataset: PreparedDataset, entities: tuple[str, ...]) -> Tower:
         sparse = [f for f in dataset.sparse_features if f.entity in entities]
         numeric = [i for i, f in enumerate(dataset.dense_features) if f.entity in entities]
-        return Tower(embedding_tables(sparse, model), numeric, cfg)
+        return Tower(embedding_tables(sparse, model, managed=True), numeric, cfg)
+
+    def remap(self, features: KeyedJaggedTensor, claim_rows: int | None = None) -> KeyedJaggedTensor:
+        """Managed IDs → table rows (:mod:`trec.models.managed`; in training the IDs of the first
+        ``claim_rows`` rows claim rows); other datasets' KJTs unchanged."""
+        return features if self.managed_ids is None else self.managed_ids(features, claim_rows)
 
     def finish(self, embedding: torch.Tensor) -> torch.Tensor:
         return F.normalize(embedding, dim=-1) if self.normalized else embedding
 
     def encode_users(self, batch: RecBatch, rows: int | None = None) -> torch.Tensor:
         """``rows X D`` embeddings of the batch's users (all rows by default)."""
-        return self.finish(self.user_tower(batch.sparse_features, batch.dense_features, rows))
+        return self.finish(self.user_tower(self.remap(batch.sparse_features), batch.dense_features, rows))
 
     def encode_items(self, batch: RecBatch) -> torch.Tensor:
         """``R X D`` embeddings of every row's item (positives, then extra candidates)."""
-        return self.finish(self.item_tower(batch.sparse_features, batch.dense_features))
+        return self.finish(self.item_tower(self.remap(batch.sparse_features), batch.dense_features))
 
 
 class RetrievalTask(nn.Module):
@@ -112,6 +120,7 @@ class RetrievalTask(nn.Module):
         self.model = TwoTower(model, cfg, dataset)
         self.loss_cfg = cfg.loss
         self.positive_threshold = dataset.positive_threshold
+        self.catalog_index = catalog_index(dataset)  # None unless item_id is managed
         self.augment = ExtraItemSampler(dataset.item_counts, extra_candidates(cfg.loss), popular_share(cfg.loss))
         self.register_buffer(
             "item_probability", torch.tensor(popularity_distribution(dataset.item_counts), dtype=torch.float32)
@@ -136,9 +145,13 @@ class RetrievalTask(nn.Module):
 
     def forward(self, batch: RecBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         num_positives = batch.labels.shape[0]
-        user = self.model.user_tower(batch.sparse_features, batch.dense_features, num_positives)
-        candidates = self.model.item_tower(batch.sparse_features, batch.dense_features)
+        # Once per step (it updates the managed-ID state), from the labelled rows only, not the negatives.
+        features = self.model.remap(batch.sparse_features, num_positives)
+        user = self.model.user_tower(features, batch.dense_features, num_positives)
+        candidates = self.model.item_tower(features, batch.dense_features)
         candidate_items = batch.sparse_features["item_id"].values()
+        if self.catalog_index is not None:  # managed IDs: popularity and hit masking are keyed by catalog item
+            candidate_items = self.catalog_index(candidate_items)
         loss = self.loss(self.model.finish(user), self.model.finish(candidates), candidate_items, num_positives,
                          self.row_weights(batch.labels))
         outputs = {
@@ -163,7 +176,9 @@ class RetrievalTask(nn.Module):
             )
         log_q = None
         if cfg.logq_correction:
-            log_q = candidate_log_q(candidate_items, self.item_probability, self.extra_probability, num_positives,
+            # Without extras their term is 0 * p: skipping it saves a gather over the catalog each step.
+            extra = self.extra_probability if self.augment.num_extra else None
+            log_q = candidate_log_q(candidate_items, self.item_probability, extra, num_positives,
                                     (row_weights > 0).sum())
         num_hard = None
         if cfg.negatives == NegativeStrategy.hard and cfg.num_negatives > 0:
