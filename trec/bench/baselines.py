@@ -61,3 +61,15 @@ def baseline_optimizers(task: nn.Module, sparse: bool) -> list[torch.optim.Optim
     if sparse:
         return [torch.optim.SparseAdam(tables, lr=1e-3), torch.optim.Adam(others, lr=1e-3)]
     return [torch.optim.Adam(tables + others, lr=1e-3)]
+
+
+def training_step(task, optimizers):
+    """step(batch): forward, backward and every optimizer of a baseline task (plain PyTorch tables)."""
+    def step(batch) -> None:
+        loss, _ = task(batch)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step

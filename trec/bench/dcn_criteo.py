@@ -119,21 +119,12 @@ def trec_step(cfg: TrecConfig, data, ctx):
 
 def baseline_step(cfg: TrecConfig, data, sparse: bool):
     """step(batch) of the same ranker with plain-PyTorch tables (see trec.bench.baselines)."""
-    from trec.bench.baselines import PlainEmbeddingBags, baseline_optimizers
+    from trec.bench.baselines import PlainEmbeddingBags, baseline_optimizers, training_step
 
     task = ClickTask(cfg, data)
     arch = task.model.sparse_arch
     arch.ebc = PlainEmbeddingBags(arch.ebc.embedding_bag_configs(), sparse)
-    optimizers = baseline_optimizers(task, sparse)
-
-    def step(batch) -> None:
-        loss, _ = task(batch)
-        loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return training_step(task, baseline_optimizers(task, sparse))
 
 
 def run(args: argparse.Namespace) -> int:

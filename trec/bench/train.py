@@ -209,19 +209,12 @@ def embedding_only_seconds_per_step(cfg: TrecConfig, tables, ctx, batches, warmu
 
 
 def baseline_seconds_per_step(cfg: TrecConfig, dataset, batches, warmup: int, sparse: bool) -> float:
-    from trec.bench.baselines import baseline_optimizers, baseline_task
+    from trec.bench.baselines import baseline_optimizers, baseline_task, training_step
 
     task = baseline_task(cfg, dataset, sparse)
     optimizers = baseline_optimizers(task, sparse)
 
-    def step(batch) -> None:
-        loss, _ = task(batch)
-        loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    seconds = time_steps(step, batches, warmup)
+    seconds = time_steps(training_step(task, optimizers), batches, warmup)
     del task, optimizers
     gc.collect()
     return seconds

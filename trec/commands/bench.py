@@ -24,7 +24,7 @@ _BENCHMARKS = {
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks (data, train, index, serve, quality)")
+    parser = subparsers.add_parser("bench", help=f"benchmarks ({', '.join(_BENCHMARKS)})")
     actions = parser.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     for name, help_text in _BENCHMARKS.items():
         sub = actions.add_parser(name, help=help_text, description=help_text)
