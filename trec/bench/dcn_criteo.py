@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import gc
 import os
 import platform
@@ -171,13 +170,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _profile(cfg: TrecConfig, data, ctx, batches, steps: int) -> dict:
-    from trec.bench.step_profile import profile_step
+    from trec.bench.step_profile import profile_pipeline
 
     pipeline, model = trec_step(cfg, data, ctx)
-    cycle = itertools.cycle(batches)
-    for _ in range(3):
-        pipeline.progress(cycle)
-    profile = profile_step(lambda: pipeline.progress(cycle), steps)
+    profile = profile_pipeline(pipeline, batches, steps)
     del pipeline, model
     gc.collect()
     return profile

@@ -17,6 +17,7 @@ above it (torchrec names its stages: ``## start_sparse_data_dist ##``, ``[output
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from typing import Callable
@@ -120,6 +121,14 @@ def profile_step(step: Callable[[], None], steps: int) -> dict:
             "events_per_step": sum(counts.values()) / steps,
             "ms": {part: shares[part] * cpu_ms for part in PARTS},
             "ms_less_profiler": {part: kept[part] * scale for part in PARTS}}
+
+
+def profile_pipeline(pipeline, batches: list, steps: int, warmup: int = 3) -> dict:
+    """:func:`profile_step` of ``pipeline.progress`` over ``batches`` (reused in a cycle), after ``warmup`` steps."""
+    cycle = itertools.cycle(batches)
+    for _ in range(warmup):
+        pipeline.progress(cycle)
+    return profile_step(lambda: pipeline.progress(cycle), steps)
 
 
 def profile_table(profiles: dict[str, dict]) -> str:

@@ -154,21 +154,16 @@ def trec_seconds_per_step(cfg: TrecConfig, dataset, ctx, batches, warmup: int) -
 
 def trec_step_profile(cfg: TrecConfig, dataset, ctx, batches, steps: int) -> dict:
     """:func:`trec.bench.step_profile.profile_step` of the sharded two-tower step (batches reused)."""
-    import itertools
-
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    from trec.bench.step_profile import profile_step
+    from trec.bench.step_profile import profile_pipeline
     from trec.optim import build_optimizer
     from trec.runs import build_sharded_task
 
     model, _ = build_sharded_task(cfg, dataset, ctx, train=True)
     pipeline = TrainPipelineSparseDist(model, build_optimizer(model, cfg.optimizer, total_steps=10**6), ctx.device)
     model.train()
-    iterator = itertools.cycle(batches)
-    for _ in range(3):
-        pipeline.progress(iterator)
-    profile = profile_step(lambda: pipeline.progress(iterator), steps)
+    profile = profile_pipeline(pipeline, batches, steps)
     del pipeline, model
     gc.collect()
     return profile
