@@ -1,8 +1,10 @@
 """`trec data prepare`: a Source → a prepared dataset directory (layout in :mod:`data_pipeline.layout`).
 
 Four streaming passes, each over record batches, so memory is bounded by the per-value counts
-a vocabulary needs plus per-user state (and, only for ``--duplicates drop`` or a temporal
-split, 8 bytes per interaction):
+a vocabulary needs plus per-user state, never by the rows. Only two options keep per-row state:
+``--duplicates drop`` (8 bytes per interaction in the map pass, about 25 while the first of each
+pair is found, then a 1-byte mask) and a temporal split (8 bytes per timestamp in the observe
+pass, 16 while the cut is found):
 
 1. **stage**: read and validate the source, count raw user/item/context values, write the
    normalised rows to a scratch Parquet file.
@@ -200,9 +202,14 @@ def _stage_schema(schema: pa.Schema) -> pa.Schema:
 
 
 def _batches(path: Path, columns: list[str] | None = None) -> Iterator[tuple[pa.Table, int]]:
-    """Fixed-size batches of a scratch file with the row number of their first row."""
+    """Fixed-size batches of a scratch file with the row number of their first row.
+
+    ``pre_buffer=False``: with Arrow's default read-ahead, ``iter_batches`` keeps every row group's
+    compressed bytes cached until the file is closed, so a pass would hold the whole scratch file
+    (about 10 bytes per interaction) by its end; a local scratch file gains nothing from it.
+    """
     start = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=PASS_BATCH_ROWS, columns=columns):
+    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=PASS_BATCH_ROWS, columns=columns):
         yield pa.Table.from_batches([batch]), start
         start += batch.num_rows
 
@@ -260,7 +267,10 @@ def _map(staged: _Staged, ids: dict[str, Mapping], context: dict[str, Mapping], 
         raise TrecError(f"no interactions left after min_count={options.min_count}")
     mapped = _Mapped(path, rows, None, staged.rows - rows)
     if pair_keys:
-        _, first = np.unique(np.concatenate(pair_keys), return_index=True)
+        keys = np.concatenate(pair_keys)
+        pair_keys.clear()  # else the per-batch copies stay alive while np.unique sorts: 8 more bytes a row
+        _, first = np.unique(keys, return_index=True)
+        del keys
         mapped.keep = np.zeros(rows, dtype=bool)
         mapped.keep[first] = True  # the first occurrence of each (user, item) pair in source order
         mapped.dropped_duplicates = rows - len(first)

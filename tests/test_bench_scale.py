@@ -51,7 +51,7 @@ def test_bench_scale_tiny_prints_table_json_and_png(tmp_path, capsys):
     out, png = tmp_path / "scale.json", tmp_path / "scale.png"
     assert main(["bench", "scale", "--rows", "3k", "--ranks", "1", "--dtypes", "fp16", "--batch-sizes", "64",
                  "--steps", "2", "--warmup", "1", "--interactions", "3000", "--cache", str(tmp_path / "cache"),
-                 "--plot", str(png), "--json", str(out)]) == 0
+                 "--threads", "1", "--plot", str(png), "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "us/sample" in printed and "goal: cost per sample within ±20%" in printed
     report = json.loads(out.read_text())
@@ -59,6 +59,7 @@ def test_bench_scale_tiny_prints_table_json_and_png(tmp_path, capsys):
     first = report["results"][0]
     assert first["samples_per_s"] == pytest.approx(64 / first["seconds_per_step"])
     assert first["vs_smallest_rows"] == 1.0 and first["peak_rss_bytes_per_rank"][0] > 50 * 2**20
+    assert first["threads"] == 1  # what the worker process really ran with
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

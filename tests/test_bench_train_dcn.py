@@ -40,12 +40,13 @@ def test_profile_parts_follow_torchrec_scopes():
 def test_bench_dcn_criteo_prints_ratios_and_writes_json(run_trec, tmp_path):
     out = tmp_path / "dcn.json"
     proc = run_trec("bench", "train", "--workload", "dcn-criteo", "--scale", "0.0005", "--hot", "2", "--dim", "8",
-                    "--batch-size", "32", "--steps", "2", "--warmup", "1", "--dense-steps", "1",
-                    "--json", out, env={"OMP_NUM_THREADS": "1"}, timeout=120)
+                    "--batch-size", "32", "--steps", "2", "--warmup", "1", "--dense-steps", "1", "--threads", "1",
+                    "--json", out, timeout=120)
     assert "DCN-v2 over 26 features" in proc.stdout and "tables only: FBGEMM / EmbeddingBag(sparse) = " in proc.stdout
     assert "targets: >= 80% of the tables-only ratio" in proc.stdout
     figures = json.loads(out.read_text())
     assert figures["workload"] == "dcn-criteo" and figures["hot"] == 2 and figures["dim"] == 8
+    assert figures["threads"] == 1 and "1 threads" in proc.stdout
     assert set(figures["seconds_per_step"]) == {
         "tables only: FBGEMM fused RowWiseAdagrad", "tables only: EmbeddingBag(sparse) + SparseAdam", "trec DCN step",
         "(a) EmbeddingBag(sparse) + SparseAdam", "(b) dense Embedding + Adam"}

@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", choices=("tables", "full"), default="tables",
                         help="time the sharded tables alone (default) or the full two-tower step")
     parser.add_argument("--dim", type=int, default=64, help="embedding width (default 64)")
+    parser.add_argument("--threads", type=int, metavar="T",
+                        help="torch threads per rank (default cores // ranks); 1 keeps the timings steady when "
+                             "other jobs share the cores (OpenMP's threads stall behind them)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per batch size (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--interactions", type=int, default=1_000_000,
@@ -175,7 +178,10 @@ def _worker(args: argparse.Namespace) -> int:
             results.append(result)
             del batch_lists
         out = Path(args.worker_out) / f"rank{ctx.rank}.json"
-        out.write_text(json.dumps({"rank": ctx.rank, "results": results, "peak_rss_bytes": peak_rss_bytes()}))
+        import torch
+
+        out.write_text(json.dumps({"rank": ctx.rank, "results": results, "peak_rss_bytes": peak_rss_bytes(),
+                                   "threads": torch.get_num_threads()}))
     return 0
 
 
@@ -191,7 +197,7 @@ def _job(args: argparse.Namespace, data: Path, dtype: str, world_size: int, refe
                    "--warmup", str(args.warmup), "--worker-out", tmp]
         if reference is not None:
             command += ["--reference-data", str(reference)]
-        threads = str(max(1, (os.cpu_count() or 1) // world_size))
+        threads = str(args.threads or max(1, (os.cpu_count() or 1) // world_size))
         subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS=threads))
         return [json.loads(path.read_text()) for path in sorted(Path(tmp).glob("rank*.json"))]
 
@@ -263,7 +269,7 @@ def _rows_of(per_rank: list[dict], rows: int, dtype: str, world_size: int) -> li
         samples = first["batch_size"] * world_size / seconds
         figure = {"rows": rows, "dtype": dtype, "world_size": world_size, "batch_size": first["batch_size"],
                   "seconds_per_step": seconds, "samples_per_s": samples, "us_per_sample": 1e6 / samples,
-                  "peak_rss_bytes_per_rank": rss}
+                  "peak_rss_bytes_per_rank": rss, "threads": per_rank[0]["threads"]}
         if "reference_seconds_per_step" in first:
             reference = max(rank["results"][index]["reference_seconds_per_step"] for rank in per_rank)
             figure["reference_seconds_per_step"] = reference

@@ -37,7 +37,9 @@ from trec.models import load_config
 from trec.io import atomic_write_json
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synthetic_large_two_tower.yaml"
-TARGETS = {"sparse_baseline": 5.0, "dense_baseline": 100.0}
+# Issue 17: with the dense math shared with (a), 1.4x over (a) is the two-tower's target (the tables alone
+# cap it), and 100x the dense (b).
+TARGETS = {"sparse_baseline": 1.4, "dense_baseline": 100.0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 3; dcn-criteo 20, so that "
                                                    "SparseAdam's moments are touched before timing)")
     parser.add_argument("--ranks", default="1,2", help="world sizes for trec (default 1,2)")
+    parser.add_argument("--threads", type=int, metavar="T",
+                        help="torch threads of the 1-rank runs and baselines (default: torch's, the cores); with "
+                             "T = cores any other job on the machine stalls OpenMP's threads, see README")
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)  # internal: one torchrun rank of the trec run
 
 
@@ -273,6 +278,10 @@ def _multi_rank(args: argparse.Namespace, data: Path, world_size: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.workload == "dcn-criteo":
         from trec.bench.dcn_criteo import run as run_dcn
 
@@ -290,7 +299,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = bench_config(args.batch_size, args.dim)
     rows = sum(f.cardinality for f in dataset.sparse_features)
     print(f"model: {CONFIG.name}, {rows:,} embedding rows x {args.dim} "
-          f"({rows * args.dim * 4 / 2**30:.1f} GiB per copy), batch {args.batch_size}", flush=True)
+          f"({rows * args.dim * 4 / 2**30:.1f} GiB per copy), batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads", flush=True)
     bandwidth = copy_bandwidth()
     results: dict[str, dict] = {}
     with distributed_session(seed=0, log_level="WARNING") as ctx:
@@ -359,13 +369,13 @@ def _report(results: dict, embedding_only: dict, args, bandwidth: float, rows: i
     lines.append(f"memory-copy bandwidth: {bandwidth / 1e9:.2f} GB/s; trec (1 rank) embedding traffic is "
                  f"{one_rank['embedding_bytes_per_s'] / bandwidth:.1%} of it")
     verdict = all(one_rank[f"vs_{key}"] >= target for key, target in TARGETS.items())
-    lines.append(f"targets at 1 rank: >= {TARGETS['sparse_baseline']:.0f}x (a) and >= {TARGETS['dense_baseline']:.0f}x (b): "
+    lines.append(f"targets at 1 rank: >= {TARGETS['sparse_baseline']:g}x (a) and >= {TARGETS['dense_baseline']:.0f}x (b): "
                  f"{'met' if verdict else 'NOT met'}")
     return {
         "benchmark": "train", "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
-        "embedding_rows": rows, "dim": args.dim, "batch_size": args.batch_size, "steps": args.steps,
-        "copy_bandwidth_bytes_per_s": bandwidth, "results": figures, "targets_met": verdict,
+        "threads": torch.get_num_threads(), "embedding_rows": rows, "dim": args.dim, "batch_size": args.batch_size,
+        "steps": args.steps, "copy_bandwidth_bytes_per_s": bandwidth, "results": figures, "targets_met": verdict,
         "embedding_only_seconds_per_step": embedding_only,
         "table": "\n".join(lines),
     }

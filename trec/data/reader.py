@@ -188,7 +188,8 @@ class InteractionReader:
             file_index, group, _ = self._blocks[order[position]]
             with parquet_errors(self.files[file_index]):
                 if file_index not in files:
-                    files[int(file_index)] = pq.ParquetFile(self.files[file_index])
+                    # No read-ahead: its cache would grow with every row group read until the epoch ends.
+                    files[int(file_index)] = pq.ParquetFile(self.files[file_index], pre_buffer=False)
                 table = files[int(file_index)].read_row_group(int(group), columns=self._columns)
             begin = max(low - bounds[position], 0)
             end = min(high, bounds[position + 1]) - bounds[position]

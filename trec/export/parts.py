@@ -224,7 +224,8 @@ def iter_embedding_batches(
             raise TrecError(f"{path}: vectors have dimension {part_dim}, earlier parts have {dimension}")
         dimension = part_dim
         wanted = [name for name in _COLUMNS if name in columns or name == "index"]
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=wanted):
+        # pre_buffer=False: Arrow's read-ahead would keep the whole file's bytes until it is closed.
+        for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=batch_rows, columns=wanted):
             yield EmbeddingBatch(
                 raw_ids=_raw_ids(batch.column("raw_id")) if "raw_id" in wanted else None,
                 indices=batch.column("index").to_numpy(zero_copy_only=False).astype(np.int64, copy=False),
