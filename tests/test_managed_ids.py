@@ -88,11 +88,11 @@ def test_replicas_stay_identical_across_ranks(torchrun, tmp_path):
     assert len(set(ranks[0]["rows"]) - {7}) == 7  # 12 IDs seen, 7 usable rows: all claimed
 
 
-def _prepare(out):
+def _prepare(out, id_mapping="managed"):
     from data_pipeline.prepare import prepare_dataset
     from data_pipeline.sources.synthetic import SyntheticSource
 
-    options = PrepareConfig(id_mapping="managed", zch_size=64, history_max_len=20, val_fraction=0.1,
+    options = PrepareConfig(id_mapping=id_mapping, zch_size=64, history_max_len=20, val_fraction=0.1,
                             synthetic=SyntheticConfig(users=200, items=300, interactions=4000, side_features=2))
     return prepare_dataset(SyntheticSource(options.synthetic, seed=options.seed), out, options)
 
@@ -183,3 +183,22 @@ def _seen_raw_items(root, user_index: int, mapping) -> set[int]:
             rows = table["user_id"].to_numpy() == user_index
             seen |= set(raw[table["item_id"].to_numpy()[rows]].tolist())
     return seen
+
+
+def test_ease_scores_a_managed_dataset_as_its_vocab_twin(tmp_path):
+    """EASE keys its user rows by catalog index; a managed dataset's batches carry ID hashes, mapped back."""
+    from trec.config import DataConfig, EvaluationConfig
+    from trec.data import PreparedDataset
+    from trec.distributed import distributed_session
+    from trec.evaluation.ease import evaluate_ease
+
+    _prepare(tmp_path / "managed")
+    _prepare(tmp_path / "vocab", id_mapping="vocab")
+    metrics = {}
+    with distributed_session(seed=0, log_level="WARNING") as ctx:
+        for kind in ("managed", "vocab"):
+            dataset = PreparedDataset.open(tmp_path / kind)
+            metrics[kind] = evaluate_ease(dataset, "test", ["train", "val"], EvaluationConfig(ks=[10]),
+                                          DataConfig(), ctx, seed=0, grid=[100.0])
+    assert metrics["managed"]["ndcg@10"] > 0
+    assert metrics["managed"]["ndcg@10"] == pytest.approx(metrics["vocab"]["ndcg@10"])

@@ -205,3 +205,11 @@ def test_a_tampered_bundle_is_refused_in_one_line(export):
     assert time.monotonic() - started < 60
     missing = run_command(trec_command(1, "serve", export["root"] / "nowhere"), check=False, timeout=120)
     assert missing.returncode == 2 and missing.stderr.count("error:") == 1, missing.stderr
+
+
+def test_several_workers_on_a_model_root_must_poll_current(tmp_path):
+    """POST /admin/reload reaches one worker: without --watch-s the others would keep serving the old version."""
+    proc = run_command(trec_command(1, "serve", "--model-root", tmp_path, "--workers", "2",
+                                    "--store", "redis://127.0.0.1:1/0"), check=False, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 1, proc.stderr
+    assert "--watch-s" in proc.stderr and "one worker" in proc.stderr

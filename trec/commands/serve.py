@@ -155,6 +155,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.workers > 1 and args.store == "memory":
         raise TrecError("trec serve: --workers > 1 needs a shared --store redis://HOST:PORT/DB (the memory store is "
                         "per process: a worker would not see the feedback another one took)")
+    if args.workers > 1 and args.model_root is not None and args.watch_s == 0:
+        raise TrecError("trec serve: --workers > 1 with --model-root needs --watch-s S (POST /admin/reload reaches one "
+                        "worker; the others follow CURRENT only by polling it)")
     if args.experiments and args.model_root is None:
         raise TrecError("trec serve: --experiments needs --model-root (its arms are published versions)")
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
+from torch import nn
 
 from trec.data.batch import FeatureSpec
 from trec.data.checks import parquet_errors
@@ -37,3 +39,30 @@ def read_managed_ids(root: Path, spec: FeatureSpec) -> np.ndarray:
     ids = np.empty(len(index), np.int64)
     ids[index] = table["managed_id"].to_numpy()
     return ids
+
+
+class CatalogIndex(nn.Module):
+    """Managed IDs → catalog indices, for what is keyed by user or item (popularity for logQ, EASE's rows).
+
+    Shapes: forward((C,) managed IDs) → (C,) int64 catalog indices. Buffers derived from the
+    dataset, not saved in checkpoints.
+    """
+
+    def __init__(self, managed_ids: np.ndarray) -> None:
+        super().__init__()
+        order = np.argsort(managed_ids, kind="stable")
+        self.register_buffer("sorted_ids", torch.from_numpy(managed_ids[order].astype(np.int64)), persistent=False)
+        self.register_buffer("catalog", torch.from_numpy(order.astype(np.int64)), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        found = torch.searchsorted(self.sorted_ids, ids).clamp(max=self.sorted_ids.numel() - 1)
+        return self.catalog[found]
+
+
+def catalog_index(dataset, name: str) -> CatalogIndex | None:
+    """The :class:`CatalogIndex` of the dataset's managed ``name`` (user_id or item_id), else None (its KJTs
+    carry catalog indices)."""
+    spec = dataset.feature(name)
+    if not is_managed(spec):
+        return None
+    return CatalogIndex(dataset.model_ids(spec, np.arange(spec.cardinality, dtype=np.int64)))

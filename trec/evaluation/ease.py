@@ -17,8 +17,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from data_pipeline.layout import USER_ID
 from trec.config import DataConfig, EvaluationConfig
 from trec.data import Csr, PreparedDataset, RecBatch, pair_key
+from trec.data.managed import CatalogIndex, catalog_index
 from trec.distributed import DistContext
 from trec.errors import TrecError
 from trec.evaluation.retrieval import evaluate_retrieval
@@ -110,14 +112,20 @@ def choose_lambda(positives: Csr, seen: Csr, num_items: int, seed: int, grid: Se
     return max(scores, key=scores.get), scores
 
 
-def user_vectors(x: torch.Tensor) -> Callable[[RecBatch], torch.Tensor]:
-    """A user encoder for :func:`evaluate_retrieval`: batch → R X I rows of ``x`` (zeros on padding rows)."""
+def user_vectors(x: torch.Tensor, to_catalog: CatalogIndex | None = None) -> Callable[[RecBatch], torch.Tensor]:
+    """A user encoder for :func:`evaluate_retrieval`: batch → R X I rows of ``x`` (zeros on padding rows).
+
+    ``to_catalog``: for managed user IDs, the batch's managed IDs → the catalog indices that key ``x``'s rows.
+    """
 
     def encode(batch: RecBatch) -> torch.Tensor:
         ids = batch.sparse_features["user_id"]
         present = ids.lengths() > 0
+        users = ids.values().to(x.device)
+        if to_catalog is not None:
+            users = to_catalog(users)
         out = torch.zeros(len(present), x.shape[1], device=ids.values().device)
-        out[present] = x[ids.values().to(x.device)].to(out.device)
+        out[present] = x[users].to(out.device)
         return out
 
     return encode
@@ -135,7 +143,11 @@ def evaluate_ease(dataset: PreparedDataset, split: str, exclude_splits: Sequence
                                 device=ctx.device)
     x = binary_matrix(positives, dataset.num_items).to(ctx.device)
     b = ease_weights(x, lam)
-    metrics = evaluate_retrieval(user_vectors(x), b.T, dataset, split, exclude_splits, cfg, data_cfg, ctx, seed)
+    to_catalog = catalog_index(dataset, USER_ID)  # managed user IDs: the batches carry hashes, x is keyed by catalog
+    if to_catalog is not None:
+        to_catalog.to(x.device)
+    metrics = evaluate_retrieval(user_vectors(x, to_catalog), b.T, dataset, split, exclude_splits, cfg, data_cfg, ctx,
+                                 seed)
     metrics["lambda"] = lam
     metrics.update({f"val/ndcg@10/lambda={g:g}": v for g, v in scores.items()})
     return metrics

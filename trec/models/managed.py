@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -175,32 +174,6 @@ def _fit_history(module: MCHManagedCollisionModule, ids: torch.Tensor) -> None:
     if module._input_history_buffer_size < needed and module._current_history_buffer_offset == 0:
         doubled = ids.repeat(2)
         module._init_history_buffers({"ids": JaggedTensor(values=doubled, lengths=torch.tensor([doubled.numel()]))})
-
-
-class CatalogIndex(nn.Module):
-    """Managed item IDs → catalog indices, for what is keyed by item (popularity for logQ).
-
-    Shapes: forward((C,) managed IDs) → (C,) int64 catalog indices. Buffers derived from the
-    dataset, not saved in checkpoints.
-    """
-
-    def __init__(self, managed_ids: np.ndarray) -> None:
-        super().__init__()
-        order = np.argsort(managed_ids, kind="stable")
-        self.register_buffer("sorted_ids", torch.from_numpy(managed_ids[order].astype(np.int64)), persistent=False)
-        self.register_buffer("catalog", torch.from_numpy(order.astype(np.int64)), persistent=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        found = torch.searchsorted(self.sorted_ids, ids).clamp(max=self.sorted_ids.numel() - 1)
-        return self.catalog[found]
-
-
-def catalog_index(dataset) -> CatalogIndex | None:
-    """The :class:`CatalogIndex` of a dataset with managed item IDs, else None (KJTs carry catalog indices)."""
-    spec = dataset.feature(ITEM_ID)
-    if not is_managed(spec):
-        return None
-    return CatalogIndex(dataset.model_ids(spec, np.arange(dataset.num_items, dtype=np.int64)))
 
 
 def build_managed_ids(features: Sequence[FeatureSpec], model: ModelConfig) -> ManagedIds | None:

@@ -18,10 +18,12 @@ from torch import nn
 from torchrec import KeyedJaggedTensor, KeyedTensor
 from torchrec.modules.mlp import MLP
 
+from data_pipeline.layout import ITEM_ID
 from trec.config import ModelConfig
 from trec.data import PreparedDataset, RecBatch
+from trec.data.managed import catalog_index
 from trec.losses import candidate_log_q, pointwise_bce_loss, sampled_softmax_loss
-from trec.models.managed import build_managed_ids, catalog_index
+from trec.models.managed import build_managed_ids
 from trec.models.modules import NumericArch, check_table_overrides, embedding_bag_collection, embedding_tables
 from trec.models.two_tower.config import NegativeStrategy, RetrievalLoss, RetrievalLossConfig, TwoTowerConfig
 from trec.negatives import ExtraItemSampler, popularity_distribution
@@ -120,7 +122,7 @@ class RetrievalTask(nn.Module):
         self.model = TwoTower(model, cfg, dataset)
         self.loss_cfg = cfg.loss
         self.positive_threshold = dataset.positive_threshold
-        self.catalog_index = catalog_index(dataset)  # None unless item_id is managed
+        self.catalog_index = catalog_index(dataset, ITEM_ID)  # None unless item_id is managed
         self.augment = ExtraItemSampler(dataset.item_counts, extra_candidates(cfg.loss), popular_share(cfg.loss))
         self.register_buffer(
             "item_probability", torch.tensor(popularity_distribution(dataset.item_counts), dtype=torch.float32)
