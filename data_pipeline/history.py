@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from trec.io import streaming_parquet
+
 
 class HistoryCollector:
     """Per user, the ``max_len`` latest train items by (timestamp, source order)."""
@@ -118,8 +120,7 @@ class _Spill:
         items = []
         for b in sorted(self._writers):
             part = HistoryCollector(owner.num_users, owner.max_len, owner.num_items, owner._first_bound)
-            # pre_buffer=False: Arrow's read-ahead would cache the whole file's bytes until it is closed.
-            for batch in pq.ParquetFile(self._path(b), pre_buffer=False).iter_batches(batch_size=1 << 20):
+            for batch in streaming_parquet(self._path(b)).iter_batches(batch_size=1 << 20):
                 part.add(*(batch.column(name).to_numpy() for name in ("user", "item", "time")))
             offsets, bucket_items = part.result()
             lengths += np.diff(offsets)

@@ -41,7 +41,7 @@ from data_pipeline.writer import ShardWriter, file_entries
 from trec import __version__
 from trec.config import Duplicates, IdMapping, PrepareConfig
 from trec.errors import TrecError
-from trec.io import atomic_directory, atomic_write_json, discard_interrupted
+from trec.io import atomic_directory, atomic_write_json, discard_interrupted, streaming_parquet
 
 # Rows per batch of the scratch passes. Fixed: the seeded split draws per batch, so the batch
 # boundaries are part of what makes a split reproducible.
@@ -202,14 +202,10 @@ def _stage_schema(schema: pa.Schema) -> pa.Schema:
 
 
 def _batches(path: Path, columns: list[str] | None = None) -> Iterator[tuple[pa.Table, int]]:
-    """Fixed-size batches of a scratch file with the row number of their first row.
-
-    ``pre_buffer=False``: with Arrow's default read-ahead, ``iter_batches`` keeps every row group's
-    compressed bytes cached until the file is closed, so a pass would hold the whole scratch file
-    (about 10 bytes per interaction) by its end; a local scratch file gains nothing from it.
-    """
+    """Fixed-size batches of a scratch file with the row number of their first row (no read-ahead:
+    :func:`trec.io.streaming_parquet`)."""
     start = 0
-    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=PASS_BATCH_ROWS, columns=columns):
+    for batch in streaming_parquet(path).iter_batches(batch_size=PASS_BATCH_ROWS, columns=columns):
         yield pa.Table.from_batches([batch]), start
         start += batch.num_rows
 

@@ -152,6 +152,8 @@ def _worker(args: argparse.Namespace) -> int:
     With ``--reference-data`` (the smallest row count of the run, tables step), that dataset's tables
     are built too and stepped in turns with these: their time ratio is measured under the same load.
     """
+    import torch
+
     from trec.data import PreparedDataset
     from trec.distributed import barrier, distributed_session
     from trec.memory import peak_rss_bytes
@@ -178,8 +180,6 @@ def _worker(args: argparse.Namespace) -> int:
             results.append(result)
             del batch_lists
         out = Path(args.worker_out) / f"rank{ctx.rank}.json"
-        import torch
-
         out.write_text(json.dumps({"rank": ctx.rank, "results": results, "peak_rss_bytes": peak_rss_bytes(),
                                    "threads": torch.get_num_threads()}))
     return 0

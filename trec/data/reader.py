@@ -17,6 +17,7 @@ from trec.data.batch import Augment, RecBatch
 from trec.data.checks import parquet_errors, parquet_metadata
 from trec.data.dataset import PreparedDataset
 from trec.errors import TrecError
+from trec.io import streaming_parquet
 
 _END = object()
 
@@ -188,8 +189,7 @@ class InteractionReader:
             file_index, group, _ = self._blocks[order[position]]
             with parquet_errors(self.files[file_index]):
                 if file_index not in files:
-                    # No read-ahead: its cache would grow with every row group read until the epoch ends.
-                    files[int(file_index)] = pq.ParquetFile(self.files[file_index], pre_buffer=False)
+                    files[int(file_index)] = streaming_parquet(self.files[file_index])
                 table = files[int(file_index)].read_row_group(int(group), columns=self._columns)
             begin = max(low - bounds[position], 0)
             end = min(high, bounds[position + 1]) - bounds[position]

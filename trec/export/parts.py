@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trec.errors import TrecError
+from trec.io import streaming_parquet
 
 KINDS = ("items", "users")
 _PART_RE = re.compile(r"^(items|users)-part-(\d+)\.parquet$")
@@ -224,8 +225,7 @@ def iter_embedding_batches(
             raise TrecError(f"{path}: vectors have dimension {part_dim}, earlier parts have {dimension}")
         dimension = part_dim
         wanted = [name for name in _COLUMNS if name in columns or name == "index"]
-        # pre_buffer=False: Arrow's read-ahead would keep the whole file's bytes until it is closed.
-        for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=batch_rows, columns=wanted):
+        for batch in streaming_parquet(path).iter_batches(batch_size=batch_rows, columns=wanted):
             yield EmbeddingBatch(
                 raw_ids=_raw_ids(batch.column("raw_id")) if "raw_id" in wanted else None,
                 indices=batch.column("index").to_numpy(zero_copy_only=False).astype(np.int64, copy=False),
