@@ -26,9 +26,10 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """``redis-server`` started without persistence on 127.0.0.1:PORT; ``stop()`` / ``start()`` simulate an outage."""
+    """``redis-server`` started without persistence on 127.0.0.1:PORT; ``stop()`` / ``start()`` simulate an outage.
+    With ``password``, clients must authenticate (``--requirepass``) and ``url`` carries it."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             message = "redis-server is not on PATH (apt-get install redis-server)"
@@ -36,22 +37,21 @@ class RedisServer:
                 pytest.fail(f"{message}; {REQUIRE}=1 forbids skipping the Redis tests")
             pytest.skip(message)
         self.binary, self.directory = binary, directory
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.port, self.password = free_port(), password
+        self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory), "--protected-mode", "yes"],
+             "--dir", str(self.directory), "--protected-mode", "yes",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return
+                if self._send(b"PING", timeout=0.2).endswith(b"+PONG\r\n"):
+                    return
             except OSError:
                 time.sleep(0.05)
         self.stop()
@@ -64,6 +64,17 @@ class RedisServer:
         self.process = None
 
     def flush(self) -> None:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
-            sock.sendall(b"FLUSHALL\r\n")
-            sock.recv(16)
+        self._send(b"FLUSHALL", timeout=2)
+
+    def _send(self, command: bytes, timeout: float) -> bytes:
+        """``command`` (after AUTH with a password) on a new connection; every reply, once all have come."""
+        commands = ([f"AUTH {self.password}".encode()] if self.password else []) + [command]
+        replies = b""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            sock.sendall(b"".join(c + b"\r\n" for c in commands))
+            while replies.count(b"\r\n") < len(commands):
+                chunk = sock.recv(64)
+                if not chunk:
+                    break
+                replies += chunk
+        return replies

@@ -12,7 +12,7 @@ import pytest
 
 from data_pipeline.history import HistoryCollector
 from trec.bench.prepare import _fitting_size, project
-from trec.bench.scale import parse_count
+from trec.bench.scale import _refusal, parse_count
 from trec.cli import main
 from trec.errors import TrecError
 
@@ -90,3 +90,14 @@ def test_history_spilled_by_user_range_equals_in_memory(tmp_path, max_len):
     for ours, reference in zip(spilled.result(), memory.result()):
         np.testing.assert_array_equal(ours, reference)
     assert not any(tmp_path.iterdir())  # scratch files removed
+
+
+def test_a_refused_job_is_read_from_its_one_error_line():
+    """A job trec refuses (here the planner's line, as torchrun's ranks print it) is skipped with that line."""
+    stderr = ("W1202 11:52:25 torch/distributed/run.py:766] Setting OMP_NUM_THREADS\n"
+              "[rank0] error: sharding: no plan fits the tables (14.6 GiB with optimizer state and buffers; "
+              "the largest, 'user_id', 4.85 GiB = 5204325376 bytes) on 2 rank(s) with 8.24 GiB ddr each\n"
+              "E1202 11:52:25 api.py:1002] failed (exitcode: 2) local_rank: 0\n")
+    assert _refusal(stderr).startswith("sharding: no plan fits the tables (14.6 GiB")
+    assert _refusal("error: --rows: '1x' is not a count\n") == "--rows: '1x' is not a count"
+    assert _refusal("Traceback (most recent call last):\nRuntimeError: boom\n") is None  # a crash stays a crash

@@ -291,7 +291,8 @@ def test_serving_deployment_serves_an_export_read_only(rendered):
         env = {e["name"]: e.get("value") for e in container["env"]}
         args = " ".join(container["args"]).replace("$(TREC_EXPORT_DIR)", env["TREC_EXPORT_DIR"])
         match = re.fullmatch(r"serve /exports/[\w.-]+ --host 0\.0\.0\.0 --port 8000 "
-                             r"--workers (\d+) --threads (\d+) --store redis://[\w.-]+:\d+/\d+", args)
+                             r"--workers (\d+) --threads (\d+) --store redis://:\$\(REDIS_PASSWORD\)@[\w.-]+:\d+/\d+",
+                             args)
         assert match, f"{name}: {args}"
         # In a pod the CPU limit is a quota the process cannot see: threads are set, within the limit.
         workers, threads = map(int, match.groups())
@@ -642,3 +643,25 @@ def test_builtin_kinds_have_only_known_fields(rendered):
                 f"{resource['metadata']['name']} has fields the {model} schema does not know"
             checked += 1
     assert checked >= 20
+
+
+def _secret_env(container: dict) -> dict[str, tuple[str, str, bool]]:
+    """env name → (Secret, key, optional) of the container's variables read from Secrets."""
+    return {e["name"]: (ref["name"], ref["key"], ref.get("optional", False))
+            for e in container.get("env", []) if (ref := e.get("valueFrom", {}).get("secretKeyRef"))}
+
+
+def test_redis_requires_the_password_the_serving_pods_use(rendered):
+    """One Secret key: Redis starts only with it (an empty --requirepass would be no password), the probes
+    authenticate through REDISCLI_AUTH, and the serving pods put the same key in their store URL."""
+    for name, resources in {"base": kustomize(K8S / "base"), **rendered}.items():
+        _, _, redis = _redis_container(resources)
+        _, _, serve = _serve_container(resources)
+        password = ("trec-redis", "password", False)
+        assert _secret_env(redis) == {"REDIS_PASSWORD": password, "REDISCLI_AUTH": password}, name
+        assert redis["args"][redis["args"].index("--requirepass") + 1] == "$(REDIS_PASSWORD)", name
+        assert _secret_env(serve)["REDIS_PASSWORD"] == password, name
+        store = serve["args"][serve["args"].index("--store") + 1]
+        assert store.startswith("redis://:$(REDIS_PASSWORD)@trec-redis:"), name
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert "-a" not in redis[probe]["exec"]["command"], name  # the password stays off command lines

@@ -78,3 +78,27 @@ def test_redis_histories_expire_and_counters_do_not(redis_server):
     client = redis.Redis.from_url(redis_server.url)
     assert 0 < client.pttl("trec:history:u") <= HISTORY_TTL_S * 1000  # evictable under volatile-lru (k8s)
     assert client.pttl("trec:count:exp:ab:control:clicks") == -1  # never expires, never evicted
+
+
+def test_a_password_protected_redis_needs_it_and_no_message_shows_it(tmp_path):
+    from redis_server import RedisServer
+
+    server = RedisServer(tmp_path, password="s3cret-0123")
+    server.start()
+    try:
+        store = open_store(server.url, timeout_s=0.5)
+        store.incr({"exp:ab:arm:clicks": 2})
+        assert store.counters(["exp:ab:arm:clicks"]) == [2] and store.healthy
+        assert store.url == f"redis://:***@127.0.0.1:{server.port}/0"
+        for url in (server.url.replace("s3cret-0123", "wrong-0123"), f"redis://127.0.0.1:{server.port}/0"):
+            refused = open_store(url, timeout_s=0.5)
+            with pytest.raises(StoreUnavailable) as error:
+                refused.counters(["exp:ab:arm:clicks"])
+            message = f"{error.value} {refused.last_error}"
+            assert "Authentication" in message or "NOAUTH" in message or "WRONGPASS" in message, message
+            assert "s3cret" not in message and "wrong-0123" not in message, message
+        with pytest.raises(TrecError) as bad:
+            open_store("redis://:s3cret-0123@")  # no host: refused without echoing the password
+        assert "s3cret" not in str(bad.value) and ":***@" in str(bad.value)
+    finally:
+        server.stop()

@@ -28,7 +28,7 @@ from trec.checkpoint import (TrainerState, checkpoint_for_inference, latest_chec
                              read_trainer_state)
 from trec.config import TrecConfig, config_to_dict, save_config
 from trec.data import PreparedDataset
-from trec.distributed import DistContext, describe_plan, shard_model
+from trec.distributed import DistContext, shard_model
 from trec.errors import TrecError
 from trec.io import atomic_write_json, read_json_object
 from trec.models import RetrieverRun, Retriever, load_config, model_spec, retriever_of
@@ -81,8 +81,7 @@ def build_sharded_task(cfg: TrecConfig, dataset: PreparedDataset, ctx: DistConte
     task = model_spec(cfg.model.name).build_task(cfg.model, cfg.model.section(), dataset)
     if train:
         attach_sparse_optimizer(task, cfg.optimizer)
-    sharded = shard_model(task, cfg.sharding, ctx, batch_size=cfg.data.batch_size)
-    logger.info("sharding plan: %s", describe_plan(sharded))
+    sharded = shard_model(task, cfg.sharding, ctx, batch_size=cfg.data.batch_size)  # logs where each table went
     return sharded, sharded.module
 
 

@@ -198,8 +198,29 @@ def _job(args: argparse.Namespace, data: Path, dtype: str, world_size: int, refe
         if reference is not None:
             command += ["--reference-data", str(reference)]
         threads = str(args.threads or max(1, (os.cpu_count() or 1) // world_size))
-        subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS=threads))
+        proc = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS=threads), stderr=subprocess.PIPE,
+                              text=True)
+        if proc.returncode != 0:
+            refusal = _refusal(proc.stderr)
+            if refusal is None:
+                sys.stderr.write(proc.stderr)
+                raise subprocess.CalledProcessError(proc.returncode, command)
+            raise JobRefused(refusal)
         return [json.loads(path.read_text()) for path in sorted(Path(tmp).glob("rank*.json"))]
+
+
+class JobRefused(Exception):
+    """trec refused a job in one line (e.g. the planner found no placement of whole tables under each
+    rank's memory cap): the configuration is skipped with that line, not the run ended."""
+
+
+def _refusal(stderr: str) -> str | None:
+    """The one-line ``error: ...`` a worker printed on a TrecError (torchrun prefixes ``[rankN]``), if any."""
+    for line in stderr.splitlines():
+        message = line.split("] ", 1)[1] if line.startswith("[rank") and "] " in line else line
+        if message.startswith("error: "):
+            return message.removeprefix("error: ")
+    return None
 
 
 def _available_bytes() -> int:
@@ -244,7 +265,12 @@ def run(args: argparse.Namespace) -> int:
                                    f"{free / 2**30:.1f} GiB available")
                     print(f"skipped {skipped[-1]}", flush=True)
                     continue
-                per_rank = _job(args, data, dtype, world_size, reference)
+                try:
+                    per_rank = _job(args, data, dtype, world_size, reference)
+                except JobRefused as refused:
+                    skipped.append(f"{rows:,} rows {dtype} {world_size} rank(s): {refused}")
+                    print(f"skipped {skipped[-1]}", flush=True)
+                    continue
                 figures += _rows_of(per_rank, rows, dtype, world_size)
                 print(f"timed {rows:,} rows, {dtype}, {world_size} rank(s)", flush=True)
     report = build_report(figures, skipped, args)

@@ -46,6 +46,7 @@ from trec.serving.metrics import CONTENT_TYPE, ServingMetrics
 from trec.serving.requests import RecommendRequest, RequestError
 from trec.serving.schema import (ERRORS, FeedbackBody, FeedbackOut, RecommendBody, RecommendOut, SimilarOut,
                                  json_response, request_error, validation_error)
+from trec.serving.store import redacted
 
 log = logging.getLogger("trec.serving")
 
@@ -220,7 +221,7 @@ def _add_routes(app: FastAPI, state: _State, admin_token: str) -> None:
         if not store.healthy:
             await asyncio.to_thread(store.check)  # the breaker may still be open: ask the server now
         status = "ready" if store.healthy else "degraded"
-        return json_response({"status": status, "store": {"url": _redacted(store.url), "up": store.healthy,
+        return json_response({"status": status, "store": {"url": store.url, "up": store.healthy,
                                                           "error": store.last_error}})
 
     @app.get("/metrics")
@@ -236,7 +237,7 @@ def _add_routes(app: FastAPI, state: _State, admin_token: str) -> None:
         lane_set = deployment.lane_set
         versions = {name: _provenance(lane.recommender.bundle) for name, lane in lane_set.lanes.items()}
         current = versions[lane_set.current]
-        options = {**asdict(state.options), "store": _redacted(state.options.store), "pid": os.getpid()}
+        options = {**asdict(state.options), "store": redacted(state.options.store), "pid": os.getpid()}
         return json_response({**current, "current": lane_set.current, "versions": versions,
                               "experiment": lane_set.experiment.name if lane_set.experiment else None,
                               "serving": options})
@@ -248,12 +249,6 @@ def _provenance(bundle) -> dict:
             "created": manifest.get("created"), "retriever": manifest["retriever"], "ranker": manifest["ranker"],
             "bundle": str(bundle.root), "index": {"kind": bundle.index.index_kind,
                                                   "num_vectors": bundle.index.num_vectors}}
-
-
-def _redacted(url: str) -> str:
-    """A store URL without its password."""
-    head, at, tail = url.rpartition("@")
-    return f"{head.split(':')[0]}:***@{tail}" if at and ":" in head.split("//", 1)[-1] else url
 
 
 def _denied(request: Request, token: str) -> Response | None:

@@ -26,7 +26,7 @@ import threading
 import time
 from collections import defaultdict
 from typing import Callable, Mapping, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from trec.errors import TrecError
 
@@ -183,7 +183,7 @@ class GuardedStore:
     def __init__(self, store: MemoryStore | RedisStore, retry_after_s: float = 1.0,
                  on_health: Callable[[bool], None] | None = None) -> None:
         self.store = store
-        self.url = store.url
+        self.url = redacted(store.url)  # what errors, logs and /ready show: never the password
         self.retry_after_s = retry_after_s
         self.on_health = on_health
         self.healthy = True
@@ -231,6 +231,18 @@ class GuardedStore:
         self.store.close()
 
 
+def redacted(url: str) -> str:
+    """``url`` with its password (if any) shown as ``***``: ``redis://:***@host:6379/0``."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:  # not a URL urllib can split: show none of it
+        return "<unparsable URL>"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
 def open_store(url: str, timeout_s: float = 0.05, retry_after_s: float = 1.0,
                on_health: Callable[[bool], None] | None = None, prefix: str = "trec:") -> GuardedStore:
     """``memory`` or ``redis://HOST:PORT/DB`` (also ``rediss://``, ``unix://``), guarded. A malformed URL is one
@@ -241,7 +253,7 @@ def open_store(url: str, timeout_s: float = 0.05, retry_after_s: float = 1.0,
     database = parts.path.strip("/") if parts.scheme != "unix" else "0"
     if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname) \
             or not (database == "" or database.isdigit()):
-        raise TrecError(f"--store: expected 'memory' or redis://HOST:PORT/DB, got {url!r}"[:200])
+        raise TrecError(f"--store: expected 'memory' or redis://[:PASSWORD@]HOST:PORT/DB, got {redacted(url)!r}"[:200])
     if not timeout_s > 0:
         raise TrecError(f"--store-timeout-ms must be > 0, got {timeout_s * 1000:g}")
     try:
