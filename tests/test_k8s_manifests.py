@@ -291,8 +291,8 @@ def test_serving_deployment_serves_an_export_read_only(rendered):
         env = {e["name"]: e.get("value") for e in container["env"]}
         args = " ".join(container["args"]).replace("$(TREC_EXPORT_DIR)", env["TREC_EXPORT_DIR"])
         match = re.fullmatch(r"serve /exports/[\w.-]+ --host 0\.0\.0\.0 --port 8000 "
-                             r"--workers (\d+) --threads (\d+) --store redis://:\$\(REDIS_PASSWORD\)@[\w.-]+:\d+/\d+",
-                             args)
+                             r"--workers (\d+) --threads (\d+) --store redis://:\$\(REDIS_PASSWORD\)@[\w.-]+:\d+/\d+"
+                             r" --events /data/events", args)
         assert match, f"{name}: {args}"
         # In a pod the CPU limit is a quota the process cannot see: threads are set, within the limit.
         workers, threads = map(int, match.groups())
@@ -300,10 +300,12 @@ def test_serving_deployment_serves_an_export_read_only(rendered):
         assert env["HOME"] == "/tmp"  # a read-only root: torch and Python caches go to the emptyDir
         claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
         mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-        # The volume the export Job writes, and nothing else, read-only both on the claim and the mount.
-        assert claims == {mounts["/exports"]["name"]: {"claimName": "trec-exports", "readOnly": True}}, name
-        assert mounts["/exports"]["readOnly"] is True, name
-        assert set(mounts) == {"/exports", "/tmp"}, name
+        # The volume the export Job writes, read-only both on the claim and the mount; the datasets volume,
+        # writable, for the feedback events the next `trec data prepare` reads (--events /data/events).
+        assert claims == {mounts["/exports"]["name"]: {"claimName": "trec-exports", "readOnly": True},
+                          mounts["/data"]["name"]: {"claimName": "trec-datasets"}}, name
+        assert mounts["/exports"]["readOnly"] is True and not mounts["/data"].get("readOnly"), name
+        assert set(mounts) == {"/exports", "/data", "/tmp"}, name
         assert deployment["spec"]["selector"]["matchLabels"].items() <= \
             deployment["spec"]["template"]["metadata"]["labels"].items()
 
