@@ -386,15 +386,3 @@ def shard_model(model: nn.Module, cfg: ShardingConfig, ctx: DistContext, batch_s
     if ctx.world_size == 1:
         sharded.module.to(ctx.device)
     return sharded
-
-
-def describe_plan(sharded: nn.Module) -> dict[str, str]:
-    """table name → sharding type chosen by the planner (for logs and tests)."""
-    plan = getattr(sharded, "plan", None)
-    placement: dict[str, str] = {}
-    if plan is None:
-        return placement
-    for module_plan in plan.plan.values():
-        for table, param_sharding in module_plan.items():
-            placement[table] = param_sharding.sharding_type
-    return placement

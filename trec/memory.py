@@ -147,5 +147,9 @@ def no_plan_error(footprints: dict[str, int], memory: PlanMemory, world_size: in
 
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+    return maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def maxrss_bytes(ru_maxrss: int) -> int:
+    """A ``ru_maxrss`` (of this process, or of a child from ``os.wait4``) in bytes."""
+    return ru_maxrss if sys.platform == "darwin" else ru_maxrss * 1024  # Linux reports KiB, macOS bytes

@@ -15,7 +15,19 @@ import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
 from trec.config import ShardingConfig, ShardingKind, TableShardingConfig
-from trec.distributed import describe_plan, distributed_session, shard_model
+from trec.distributed import distributed_session, shard_model
+
+
+def describe_plan(sharded) -> dict[str, str]:
+    """table name → sharding type chosen by the planner (what this worker reports)."""
+    plan = getattr(sharded, "plan", None)
+    placement: dict[str, str] = {}
+    if plan is None:
+        return placement
+    for module_plan in plan.plan.values():
+        for table, param_sharding in module_plan.items():
+            placement[table] = param_sharding.sharding_type
+    return placement
 
 
 def main() -> None:

@@ -27,9 +27,10 @@ import threading
 import time
 from pathlib import Path
 
-from trec.bench.scale import parse_count
+from trec.bench.scale import parse_count, parse_counts
 from trec.errors import TrecError
 from trec.io import atomic_write_json
+from trec.memory import maxrss_bytes
 
 _PASS_LINE = re.compile(r"^\s+(\w+)\s+([\d.]+) s$")  # "  stage       23.25 s", logged as each pass ends
 _FALLBACKS = (1.0, 0.3, 0.1)
@@ -102,8 +103,8 @@ def measure_prepare(out: Path, interactions: int, args: argparse.Namespace) -> d
     if process.returncode != 0:
         raise TrecError(f"trec data prepare ({interactions:,} interactions) failed with status {process.returncode}: "
                         f"{lines[-1] if lines else 'no output'}")
-    peak = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
-    return {"interactions": interactions, "seconds": seconds, "peak_rss_bytes": peak, "passes": passes}
+    return {"interactions": interactions, "seconds": seconds, "peak_rss_bytes": maxrss_bytes(usage.ru_maxrss),
+            "passes": passes}
 
 
 def _fitting_size(requested: int, measured: list[dict], budget: float) -> int:
@@ -137,7 +138,7 @@ def project(measured: list[dict], target: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    sizes = [parse_count(part) for part in args.interactions.split(",") if part.strip()]
+    sizes = parse_counts(args.interactions)
     target = parse_count(args.project)
     scratch_root = Path(args.scratch or "data")
     scratch_root.mkdir(parents=True, exist_ok=True)

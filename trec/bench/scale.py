@@ -86,7 +86,8 @@ def parse_count(text: str) -> int:
     return value
 
 
-def _counts(text: str) -> list[int]:
+def parse_counts(text: str) -> list[int]:
+    """'1M,10M' → [1_000_000, 10_000_000] (see :func:`parse_count`); empty parts are skipped."""
     return [parse_count(part) for part in text.split(",") if part.strip()]
 
 
@@ -159,7 +160,7 @@ def _worker(args: argparse.Namespace) -> int:
     from trec.memory import peak_rss_bytes
 
     datasets = [PreparedDataset.open(path) for path in (args.data, args.reference_data) if path]
-    batch_sizes = _counts(args.batch_sizes)
+    batch_sizes = parse_counts(args.batch_sizes)
     results = []
     with distributed_session(seed=0, log_level="WARNING") as ctx:
         steps = []
@@ -249,8 +250,8 @@ def run(args: argparse.Namespace) -> int:
         return _worker(args)
     from trec.data import PreparedDataset
 
-    dtypes, ranks, all_rows = _dtypes(args.dtypes, args.step), _counts(args.ranks), sorted(_counts(args.rows))
-    _counts(args.batch_sizes)  # refuse a bad list before preparing anything
+    dtypes, ranks, all_rows = _dtypes(args.dtypes, args.step), parse_counts(args.ranks), sorted(parse_counts(args.rows))
+    parse_counts(args.batch_sizes)  # refuse a bad list before preparing anything
     figures, skipped = [], []
     smallest = synthetic_hashed_dataset(Path(args.cache), max(1, all_rows[0] // 3), args.interactions)
     for requested in all_rows:

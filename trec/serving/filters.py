@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from trec.data import Csr, PreparedDataset, pair_key
+from trec.data.managed import is_managed
 from trec.data.request import Vocabulary
 from trec.serving.requests import RequestError, check_mapping, check_raw_list
 
@@ -38,7 +39,7 @@ class ItemFilters:
         self.num_items = tables.num_items
         self.max_values = max_values
         # A managed item_id carries raw-ID hashes in batches, not catalog indices: not a filter.
-        specs = [f for f in tables.sparse_features if f.entity == "item" and f.mapping != "managed"]
+        specs = [f for f in tables.sparse_features if f.entity == "item" and not is_managed(f)]
         rows = tables.build_batch(np.full(self.num_items, -1, np.int64), np.arange(self.num_items, dtype=np.int64),
                                   np.zeros(0, np.float32), history_max_len=0)
         keys = rows.sparse_features.to_dict()
