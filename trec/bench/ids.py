@@ -22,8 +22,6 @@ import argparse
 import datetime
 import json
 import math
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trec.bench.quality import trec_cli
 from trec.errors import TrecError
 from trec.io import atomic_write_json
 
@@ -99,12 +98,7 @@ def _methods(dataset, args: argparse.Namespace) -> dict[str, tuple[dict[str, int
 
 
 def _train(data: Path, run_dir: Path, overrides: list[str]) -> dict:
-    command = [sys.executable, "-m", "trec", "train", "--config", CONFIG, "--data", str(data), "--run-dir",
-               str(run_dir), "training.validation=split", *overrides]
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
-    if proc.returncode != 0:
-        raise TrecError(f"trec train failed for {run_dir.name}: {proc.stderr.strip().splitlines()[-1:]}")
+    trec_cli("train", "--config", CONFIG, "--data", data, "--run-dir", run_dir, "training.validation=split", *overrides)
     return json.loads((run_dir / "metrics.json").read_text())
 
 
