@@ -50,7 +50,7 @@ def test_redis_outage_fails_fast_reports_health_and_recovers(redis_server):
     started = time.perf_counter()
     with pytest.raises(StoreUnavailable, match="down"):  # the breaker answers without waiting for a timeout
         store.histories(["u"])
-    assert time.perf_counter() - started < 0.05
+    assert time.perf_counter() - started < 0.15  # under the 0.2 s timeout a real attempt could take
     redis_server.start()  # empty again: no persistence
     time.sleep(0.55)
     assert store.histories(["u"]) == [[]]
