@@ -9,11 +9,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from data_pipeline.history import HistoryCollector
 from trec.bench.prepare import _fitting_size, project
-from trec.bench.scale import _refusal, parse_count
+from trec.bench.scale import _refusal, parse_count, spread_ids
 from trec.cli import main
+from trec.env import kernel_huge_pages
 from trec.errors import TrecError
 
 
@@ -42,6 +44,25 @@ def test_projection_extends_the_line_through_the_last_two_sizes():
     assert project(measured[:1], 100) == {}
 
 
+def test_spread_ids_keeps_every_batch_s_lookups_and_repeats_over_larger_tables():
+    from trec.data.batch import RecBatch, keyed_jagged
+
+    history = np.array([0, 5, 5, 999, 3], np.int64)  # a repeated ID and the last row of the small table
+    sparse = keyed_jagged(["user_history", "user_cat_0"], [np.array([2, 0, 3], np.int32), np.ones(3, np.int32)],
+                          [history, np.array([1, 2, 1], np.int64)], stride=3)
+    batch = RecBatch(dense_features=torch.zeros(3, 0), sparse_features=sparse, labels=torch.ones(3),
+                     ratings=torch.zeros(3))
+    source, target = {"user_history": 1000, "user_cat_0": 7}, {"user_history": 30_000_001, "user_cat_0": 7}
+    [spread] = spread_ids([batch], source, target)
+    got = spread.sparse_features
+    assert torch.equal(got.lengths(), sparse.lengths()) and got.keys() == sparse.keys()
+    assert torch.equal(got["user_cat_0"].values(), sparse["user_cat_0"].values())  # that table kept its size
+    moved = got["user_history"].values().numpy()
+    assert moved.max() < 30_000_001 and moved.max() >= 1000  # spread over the larger table
+    assert ((moved[:, None] == moved[None, :]) == (history[:, None] == history[None, :])).all()  # same repeats
+    assert spread_ids([batch], source, source) == [batch]
+
+
 def test_bench_scale_refuses_half_precision_for_the_full_step(capsys):
     assert main(["bench", "scale", "--step", "full", "--dtypes", "fp16"]) == 2
     assert "pass --dtypes fp32" in capsys.readouterr().err
@@ -49,17 +70,28 @@ def test_bench_scale_refuses_half_precision_for_the_full_step(capsys):
 
 def test_bench_scale_tiny_prints_table_json_and_png(tmp_path, capsys):
     out, png = tmp_path / "scale.json", tmp_path / "scale.png"
-    assert main(["bench", "scale", "--rows", "3k", "--ranks", "1", "--dtypes", "fp16", "--batch-sizes", "64",
-                 "--steps", "2", "--warmup", "1", "--interactions", "3000", "--cache", str(tmp_path / "cache"),
+    assert main(["bench", "scale", "--rows", "3k,300k", "--ranks", "1", "--dtypes", "fp16", "--batch-sizes", "64",
+                 "--steps", "2", "--warmup", "1", "--interactions", "3000", "--dim", "128",
+                 "--cache", str(tmp_path / "cache"),
                  "--threads", "1", "--plot", str(png), "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "us/sample" in printed and "goal: cost per sample within ±20%" in printed
     report = json.loads(out.read_text())
-    assert [(r["dtype"], r["world_size"], r["batch_size"]) for r in report["results"]] == [("fp16", 1, 64)]
-    first = report["results"][0]
+    assert [(r["rows"] // 1000, r["dtype"], r["batch_size"]) for r in report["results"]] == [(3, "fp16", 64),
+                                                                                             (300, "fp16", 64)]
+    first, larger = report["results"]
     assert first["samples_per_s"] == pytest.approx(64 / first["seconds_per_step"])
     assert first["vs_smallest_rows"] == 1.0 and first["peak_rss_bytes_per_rank"][0] > 50 * 2**20
     assert first["threads"] == 1  # what the worker process really ran with
+    # The larger tables step the smallest dataset's batches (its own would hold fewer history lookups),
+    # timed in turns with the smallest tables.
+    assert larger["lookups_per_sample"] == first["lookups_per_sample"] > 3
+    assert larger["vs_smallest_rows"] == pytest.approx(larger["seconds_per_step"] / larger["reference_seconds_per_step"])
+    # `trec` processes ask PyTorch's allocator for transparent huge pages: the larger job's fp16 tables
+    # (300k rows x 128, 73 MiB) lie in them wherever the kernel allows it (madvise or always). Without
+    # THP_MEM_ALLOC_ENABLE=1 that job holds about 14 MiB in huge pages, none of it the tables'.
+    if kernel_huge_pages() in ("always", "madvise"):
+        assert larger["huge_page_bytes_per_rank"][0] >= 0.9 * larger["rows"] * 128 * 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

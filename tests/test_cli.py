@@ -30,6 +30,10 @@ def test_env_reports_stack_and_backend(run_trec):
             assert report["imports"][package] == "ok", report["imports"][package]
     assert report["backend"] in ("gloo", "nccl")
     assert report["backend"] == ("nccl" if report["cuda_available"] else "gloo")
+    # The process entry turns PyTorch's huge-page allocation on, unless the environment chose.
+    assert report["huge_pages"]["torch_allocator"] == "1"
+    chosen = json.loads(run_trec("env", "--json", env={"THP_MEM_ALLOC_ENABLE": "0"}).stdout)
+    assert chosen["huge_pages"]["torch_allocator"] == "0"
 
 
 def test_config_show_applies_set(run_trec):

@@ -63,7 +63,18 @@ def collect_env() -> dict:
         "faiss_gpus": faiss_gpus,
         "device": str(device),
         "backend": backend,
+        "huge_pages": {"torch_allocator": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
+                       "kernel": kernel_huge_pages()},
     }
+
+
+def kernel_huge_pages() -> str:
+    """The kernel's transparent huge page mode (``always``, ``madvise`` or ``never``), or ``unknown``."""
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "unknown"
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
 
 
 def format_env(report: dict) -> str:
@@ -75,4 +86,8 @@ def format_env(report: dict) -> str:
     gpus = ", ".join(report["gpus"]) or "none"
     lines.append(f"gpus:         {gpus} (cuda {report['cuda_version'] or '-'}, faiss gpus {report['faiss_gpus']})")
     lines.append(f"backend:      {report['backend']} on {report['device']}")
+    pages = report["huge_pages"]
+    on = pages["torch_allocator"] == "1" and pages["kernel"] in ("always", "madvise")
+    lines.append(f"huge pages:   {'on: buffers of 2 MiB or more (the tables)' if on else 'off'} "
+                 f"(THP_MEM_ALLOC_ENABLE={pages['torch_allocator']}, kernel transparent_hugepage {pages['kernel']})")
     return "\n".join(lines)

@@ -145,6 +145,18 @@ def no_plan_error(footprints: dict[str, int], memory: PlanMemory, world_size: in
     )
 
 
+def huge_page_bytes() -> int:
+    """This process's memory in transparent huge pages now (``AnonHugePages``; 0 where /proc has no such line)."""
+    try:
+        with open("/proc/self/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (bytes)."""
     return maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

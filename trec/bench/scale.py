@@ -6,6 +6,12 @@ small side-feature tables) and each table dtype x world size runs in its own job
 per rank, torchrun for several), so that every rank's peak RSS (``ru_maxrss``) belongs to that
 configuration. A job builds its tables once and times every ``--batch-sizes`` on them.
 
+Every row count steps **the same batches**: those of the smallest row count's dataset, each ID
+of a grown table sent to its own row of the larger table (:func:`spread_ids`). The datasets'
+own batches would not do: with the interaction count fixed, a larger ID space leaves each user
+fewer past interactions, so user_history shrinks (13.7 lookups per sample at 1M rows, 7.0 at
+10M, 6.1 at 100M) and larger tables would look cheaper for doing less work.
+
 The timed step (``--step``):
 
 - **tables** (default): the sharded EmbeddingBagCollection alone, FBGEMM fused RowWiseAdagrad
@@ -37,7 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from trec.bench.train import bench_config, prebuilt_batches, synthetic_hashed_dataset, trec_seconds_per_step
+from trec.bench.train import (bench_config, mean_lookups, prebuilt_batches, synthetic_hashed_dataset,
+                              trec_seconds_per_step)
 from trec.errors import TrecError
 from trec.io import atomic_write_json
 
@@ -128,18 +135,57 @@ def sharded_tables_step(cfg, dataset, ctx, dtype: str, batch_size: int):
     return step
 
 
+# Knuth's multiplicative-hash constant, a prime larger than any table here: x -> x * P mod n is then
+# a bijection of [0, n), so distinct IDs stay distinct and repeated ones stay repeated.
+_SPREAD_PRIME = 2_654_435_761
+
+
+def spread_ids(batches: list, source_rows: dict[str, int], target_rows: dict[str, int]) -> list:
+    """``batches`` (drawn from tables of ``source_rows`` rows per KJT key) over tables of ``target_rows``.
+
+    Each value v of a key whose table grew becomes (v * P) mod target rows: the same lengths,
+    lookups and duplicate pattern per batch (a bijection), only the rows now lie across the whole
+    larger table. Keys whose table kept its size keep their values.
+    """
+    from trec.data.batch import RecBatch, keyed_jagged
+
+    grown = {key for key, rows in target_rows.items() if rows != source_rows[key]}
+    if not grown:
+        return batches
+    if any(_SPREAD_PRIME <= target_rows[key] or target_rows[key] < source_rows[key] for key in grown):
+        raise ValueError(f"spread_ids maps into larger tables under {_SPREAD_PRIME:,} rows only")
+    out = []
+    for batch in batches:
+        kjt = batch.sparse_features
+        values = [kjt[key].values() for key in kjt.keys()]
+        values = [(v * _SPREAD_PRIME) % target_rows[key] if key in grown else v for key, v in zip(kjt.keys(), values)]
+        sparse = keyed_jagged(kjt.keys(), [kjt[key].lengths().numpy() for key in kjt.keys()],
+                              [v.numpy() for v in values], kjt.stride())
+        out.append(RecBatch(dense_features=batch.dense_features, sparse_features=sparse, labels=batch.labels,
+                            ratings=batch.ratings))
+    return out
+
+
+def table_rows(dataset) -> dict[str, int]:
+    """Rows of each categorical feature's table (one table per feature, hashed IDs)."""
+    return {feature.name: feature.cardinality for feature in dataset.sparse_features}
+
+
 def interleaved_median_seconds(steps: list, batch_lists: list[list], warmup: int, sync) -> list[float]:
     """Median seconds per step of each ``steps[k]`` over ``batch_lists[k][warmup:]``, the steps taken
     in turns (one of each, then the next of each): a burst of another job on the shared cores then
-    slows the contenders alike, and the median ignores the steps it hit (the mean does not). Steps
-    are not separated by a barrier: a sharded step's own all-to-alls keep the ranks in step."""
+    slows the contenders alike, and the median ignores the steps it hit (the mean does not). Every
+    other turn runs in reverse order, so that no contender always goes first (the step after another
+    one finds its freed memory and a warm allocator). Steps are not separated by a barrier: a sharded
+    step's own all-to-alls keep the ranks in step."""
     for batches in zip(*(batch_list[:warmup] for batch_list in batch_lists)):
         for step, batch in zip(steps, batches):
             step(batch)
     sync()
     seconds: list[list[float]] = [[] for _ in steps]
-    for batches in zip(*(batch_list[warmup:] for batch_list in batch_lists)):
-        for index, (step, batch) in enumerate(zip(steps, batches)):
+    for turn, batches in enumerate(zip(*(batch_list[warmup:] for batch_list in batch_lists))):
+        order = list(enumerate(zip(steps, batches)))
+        for index, (step, batch) in order if turn % 2 == 0 else reversed(order):
             started = time.perf_counter()
             step(batch)
             seconds[index].append(time.perf_counter() - started)
@@ -150,39 +196,43 @@ def interleaved_median_seconds(steps: list, batch_lists: list[list], warmup: int
 def _worker(args: argparse.Namespace) -> int:
     """One rank of one job: times each batch size, writes its figures and its peak RSS.
 
-    With ``--reference-data`` (the smallest row count of the run, tables step), that dataset's tables
-    are built too and stepped in turns with these: their time ratio is measured under the same load.
+    ``--reference-data`` (the smallest row count of the run) supplies the batches, spread over this
+    job's tables; in the tables step its own tables are built too and stepped in turns with these, on
+    the unspread batches, so their time ratio is measured under the same load.
     """
     import torch
 
     from trec.data import PreparedDataset
     from trec.distributed import barrier, distributed_session
-    from trec.memory import peak_rss_bytes
+    from trec.memory import huge_page_bytes, peak_rss_bytes
 
-    datasets = [PreparedDataset.open(path) for path in (args.data, args.reference_data) if path]
+    dataset = PreparedDataset.open(args.data)
+    source = PreparedDataset.open(args.reference_data) if args.reference_data else dataset
     batch_sizes = parse_counts(args.batch_sizes)
     results = []
     with distributed_session(seed=0, log_level="WARNING") as ctx:
+        timed_tables = [dataset] if source is dataset else [dataset, source]
         steps = []
         if args.step == "tables":
             cfg = bench_config(max(batch_sizes), args.dim)
-            steps = [sharded_tables_step(cfg, dataset, ctx, args.dtypes, max(batch_sizes)) for dataset in datasets]
+            steps = [sharded_tables_step(cfg, tables, ctx, args.dtypes, max(batch_sizes)) for tables in timed_tables]
         for batch_size in batch_sizes:
             cfg = bench_config(batch_size, args.dim)
-            batch_lists = [prebuilt_batches(dataset, cfg, args.steps + args.warmup, ctx.rank, ctx.world_size, None)
-                           for dataset in datasets]
+            batches = prebuilt_batches(source, cfg, args.steps + args.warmup, ctx.rank, ctx.world_size, None)
+            own = spread_ids(batches, table_rows(source), table_rows(dataset))
             if not steps:
-                seconds = [trec_seconds_per_step(cfg, datasets[0], ctx, batch_lists[0], args.warmup)]
+                seconds = [trec_seconds_per_step(cfg, dataset, ctx, own, args.warmup)]
             else:
-                seconds = interleaved_median_seconds(steps, batch_lists, args.warmup, barrier)
-            result = {"batch_size": batch_size, "seconds_per_step": seconds[0]}
+                seconds = interleaved_median_seconds(steps, [own, batches][:len(steps)], args.warmup, barrier)
+            result = {"batch_size": batch_size, "seconds_per_step": seconds[0],
+                      "lookups_per_sample": mean_lookups(own) / batch_size}
             if len(seconds) > 1:
                 result["reference_seconds_per_step"] = seconds[1]
             results.append(result)
-            del batch_lists
+            del batches, own
         out = Path(args.worker_out) / f"rank{ctx.rank}.json"
         out.write_text(json.dumps({"rank": ctx.rank, "results": results, "peak_rss_bytes": peak_rss_bytes(),
-                                   "threads": torch.get_num_threads()}))
+                                   "huge_page_bytes": huge_page_bytes(), "threads": torch.get_num_threads()}))
     return 0
 
 
@@ -256,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
     smallest = synthetic_hashed_dataset(Path(args.cache), max(1, all_rows[0] // 3), args.interactions)
     for requested in all_rows:
         data = synthetic_hashed_dataset(Path(args.cache), max(1, requested // 3), args.interactions)
-        reference = smallest if args.step == "tables" and data != smallest else None
+        reference = smallest if data != smallest else None  # the batches of every job; tables step: also timed
         rows = sum(f.cardinality for f in PreparedDataset.open(data).sparse_features)
         for dtype in dtypes:
             for world_size in ranks:
@@ -296,7 +346,9 @@ def _rows_of(per_rank: list[dict], rows: int, dtype: str, world_size: int) -> li
         samples = first["batch_size"] * world_size / seconds
         figure = {"rows": rows, "dtype": dtype, "world_size": world_size, "batch_size": first["batch_size"],
                   "seconds_per_step": seconds, "samples_per_s": samples, "us_per_sample": 1e6 / samples,
-                  "peak_rss_bytes_per_rank": rss, "threads": per_rank[0]["threads"]}
+                  "peak_rss_bytes_per_rank": rss, "threads": per_rank[0]["threads"],
+                  "huge_page_bytes_per_rank": [rank["huge_page_bytes"] for rank in per_rank],
+                  "lookups_per_sample": first["lookups_per_sample"]}
         if "reference_seconds_per_step" in first:
             reference = max(rank["results"][index]["reference_seconds_per_step"] for rank in per_rank)
             figure["reference_seconds_per_step"] = reference
@@ -324,7 +376,7 @@ def build_report(figures: list[dict], skipped: list[str], args: argparse.Namespa
     for figure in sorted(figures, key=lambda f: f["rows"]):
         smallest.setdefault(_key(figure), figure)
     lines = [f"{'rows':>12} {'dtype':>5} {'ranks':>5} {'batch':>6} {'s/step':>9} {'samples/s':>11} "
-             f"{'us/sample':>10} {'vs min rows':>11}  peak RSS per rank (GiB)"]
+             f"{'us/sample':>10} {'lookups':>7} {'vs min rows':>11}  peak RSS per rank, GiB (in huge pages)"]
     worst = 0.0
     for figure in sorted(figures, key=lambda f: (f["dtype"], f["world_size"], f["batch_size"], f["rows"])):
         # Measured in turns with the smallest tables in the same job where it could; else across jobs.
@@ -332,10 +384,12 @@ def build_report(figures: list[dict], skipped: list[str], args: argparse.Namespa
         figure["vs_smallest_rows"] = (figure["seconds_per_step"] / reference if reference else
                                       figure["us_per_sample"] / smallest[_key(figure)]["us_per_sample"])
         worst = max(worst, abs(figure["vs_smallest_rows"] - 1))
-        rss = ", ".join(f"{value / 2**30:.2f}" for value in figure["peak_rss_bytes_per_rank"])
+        rss = ", ".join(f"{peak / 2**30:.2f} ({huge / 2**30:.2f})" for peak, huge in
+                        zip(figure["peak_rss_bytes_per_rank"], figure["huge_page_bytes_per_rank"]))
         lines.append(f"{figure['rows']:>12,} {figure['dtype']:>5} {figure['world_size']:>5} {figure['batch_size']:>6} "
                      f"{figure['seconds_per_step']:>9.4f} {figure['samples_per_s']:>11,.0f} "
-                     f"{figure['us_per_sample']:>10.2f} {figure['vs_smallest_rows']:>10.2f}x  {rss}")
+                     f"{figure['us_per_sample']:>10.2f} {figure['lookups_per_sample']:>7.2f} "
+                     f"{figure['vs_smallest_rows']:>10.2f}x  {rss}")
     lines += [f"skipped {line}" for line in skipped]
     holds = bool(figures) and worst <= GOAL
     lines.append(f"goal: cost per sample within ±{GOAL:.0%} of the smallest row count up to the largest: "

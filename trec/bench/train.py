@@ -122,7 +122,8 @@ def prebuilt_batches(dataset, cfg: TrecConfig, count: int, rank: int, world_size
 # --------------------------------------------------------------------------------------------
 
 
-def _lookups(batches) -> float:
+def mean_lookups(batches) -> float:
+    """Embedding lookups (KJT values, all keys) per batch, averaged over ``batches``."""
     return sum(batch.sparse_features.values().numel() for batch in batches) / max(len(batches), 1)
 
 
@@ -262,7 +263,7 @@ def _worker(args: argparse.Namespace) -> int:
         batches = prebuilt_batches(dataset, cfg, args.steps + args.warmup, ctx.rank, ctx.world_size, None)
         seconds = trec_seconds_per_step(cfg, dataset, ctx, batches, args.warmup)
         if ctx.is_main:
-            Path(args.worker_out).write_text(json.dumps({"seconds_per_step": seconds, "lookups": _lookups(batches)}))
+            Path(args.worker_out).write_text(json.dumps({"seconds_per_step": seconds, "lookups": mean_lookups(batches)}))
     return 0
 
 
@@ -305,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, dict] = {}
     with distributed_session(seed=0, log_level="WARNING") as ctx:
         batches = prebuilt_batches(dataset, cfg, args.steps + args.warmup, 0, 1, None)
-        lookups = _lookups(batches)
+        lookups = mean_lookups(batches)
         results["trec, 1 rank"] = {"seconds_per_step": trec_seconds_per_step(cfg, dataset, ctx, batches, args.warmup),
                                    "world_size": 1, "lookups": lookups}
         print("timed trec (1 rank)", flush=True)
