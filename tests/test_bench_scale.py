@@ -13,7 +13,8 @@ import torch
 
 from data_pipeline.history import HistoryCollector
 from trec.bench.prepare import _fitting_size, project
-from trec.bench.scale import _refusal, parse_count, spread_ids
+from trec.bench.scale import _refusal, parse_count
+from trec.bench.spread import spread_ids
 from trec.cli import main
 from trec.env import kernel_huge_pages
 from trec.errors import TrecError

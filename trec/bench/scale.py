@@ -7,7 +7,7 @@ per rank, torchrun for several), so that every rank's peak RSS (``ru_maxrss``) b
 configuration. A job builds its tables once and times every ``--batch-sizes`` on them.
 
 Every row count steps **the same batches**: those of the smallest row count's dataset, each ID
-of a grown table sent to its own row of the larger table (:func:`spread_ids`). The datasets'
+of a grown table sent to its own row of the larger table (:mod:`trec.bench.spread`). The datasets'
 own batches would not do: with the interaction count fixed, a larger ID space leaves each user
 fewer past interactions, so user_history shrinks (13.7 lookups per sample at 1M rows, 7.0 at
 10M, 6.1 at 100M) and larger tables would look cheaper for doing less work.
@@ -43,6 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from trec.bench.spread import spread_ids, table_rows
 from trec.bench.train import (bench_config, mean_lookups, prebuilt_batches, synthetic_hashed_dataset,
                               trec_seconds_per_step)
 from trec.errors import TrecError
@@ -133,42 +134,6 @@ def sharded_tables_step(cfg, dataset, ctx, dtype: str, batch_size: int):
         model(batch.sparse_features).values().sum().backward()
 
     return step
-
-
-# Knuth's multiplicative-hash constant, a prime larger than any table here: x -> x * P mod n is then
-# a bijection of [0, n), so distinct IDs stay distinct and repeated ones stay repeated.
-_SPREAD_PRIME = 2_654_435_761
-
-
-def spread_ids(batches: list, source_rows: dict[str, int], target_rows: dict[str, int]) -> list:
-    """``batches`` (drawn from tables of ``source_rows`` rows per KJT key) over tables of ``target_rows``.
-
-    Each value v of a key whose table grew becomes (v * P) mod target rows: the same lengths,
-    lookups and duplicate pattern per batch (a bijection), only the rows now lie across the whole
-    larger table. Keys whose table kept its size keep their values.
-    """
-    from trec.data.batch import RecBatch, keyed_jagged
-
-    grown = {key for key, rows in target_rows.items() if rows != source_rows[key]}
-    if not grown:
-        return batches
-    if any(_SPREAD_PRIME <= target_rows[key] or target_rows[key] < source_rows[key] for key in grown):
-        raise ValueError(f"spread_ids maps into larger tables under {_SPREAD_PRIME:,} rows only")
-    out = []
-    for batch in batches:
-        kjt = batch.sparse_features
-        values = [kjt[key].values() for key in kjt.keys()]
-        values = [(v * _SPREAD_PRIME) % target_rows[key] if key in grown else v for key, v in zip(kjt.keys(), values)]
-        sparse = keyed_jagged(kjt.keys(), [kjt[key].lengths().numpy() for key in kjt.keys()],
-                              [v.numpy() for v in values], kjt.stride())
-        out.append(RecBatch(dense_features=batch.dense_features, sparse_features=sparse, labels=batch.labels,
-                            ratings=batch.ratings))
-    return out
-
-
-def table_rows(dataset) -> dict[str, int]:
-    """Rows of each categorical feature's table (one table per feature, hashed IDs)."""
-    return {feature.name: feature.cardinality for feature in dataset.sparse_features}
 
 
 def interleaved_median_seconds(steps: list, batch_lists: list[list], warmup: int, sync) -> list[float]:
