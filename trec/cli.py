@@ -21,13 +21,7 @@ from typing import Sequence
 from trec import __version__
 from trec.errors import TrecError
 from trec.launch import LAUNCHER_ENV
-
-# PyTorch's CPU allocator backs each buffer of 2 MiB or more with transparent huge pages when this is
-# 1. Embedding rows are read at random, so with 4 KiB pages a large table pays a TLB miss per lookup:
-# at 100M rows the tables step cost 1.3-1.5x its cost at 1M rows, with huge pages 1.2x (`trec bench
-# scale`). c10 reads the variable once, at its first allocation, so the process entry sets it before
-# anything imports torch, for this process and the ranks it launches. Set to 0, it keeps 4 KiB pages.
-HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
+from trec.memory import HUGE_PAGES_ENV
 
 # Order is the order `trec --help` lists them in.
 _COMMAND_MODULES = (
@@ -114,7 +108,7 @@ def run_cli() -> None:
     reading), and the interpreter's teardown racing that thread ended about one failed prepare in
     ten in SIGABRT ("terminate called without an active exception") instead of exit 2. Nothing is
     left to clean up by then: the command's context managers ran while the error unwound."""
-    os.environ.setdefault(HUGE_PAGES_ENV, "1")
+    os.environ.setdefault(HUGE_PAGES_ENV, "1")  # before anything imports torch: see HUGE_PAGES_ENV
     status = main()
     if status == 2:
         logging.shutdown()

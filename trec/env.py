@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+from pathlib import Path
 
 import torch
+
+from trec.memory import HUGE_PAGES_ENV
 
 _PACKAGES = {
     "trec": ("trec",),
@@ -63,7 +66,7 @@ def collect_env() -> dict:
         "faiss_gpus": faiss_gpus,
         "device": str(device),
         "backend": backend,
-        "huge_pages": {"torch_allocator": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
+        "huge_pages": {"torch_allocator": os.environ.get(HUGE_PAGES_ENV, "unset"),
                        "kernel": kernel_huge_pages()},
     }
 
@@ -71,7 +74,7 @@ def collect_env() -> dict:
 def kernel_huge_pages() -> str:
     """The kernel's transparent huge page mode (``always``, ``madvise`` or ``never``), or ``unknown``."""
     try:
-        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
     except OSError:
         return "unknown"
     return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
@@ -89,5 +92,5 @@ def format_env(report: dict) -> str:
     pages = report["huge_pages"]
     on = pages["torch_allocator"] == "1" and pages["kernel"] in ("always", "madvise")
     lines.append(f"huge pages:   {'on: buffers of 2 MiB or more (the tables)' if on else 'off'} "
-                 f"(THP_MEM_ALLOC_ENABLE={pages['torch_allocator']}, kernel transparent_hugepage {pages['kernel']})")
+                 f"({HUGE_PAGES_ENV}={pages['torch_allocator']}, kernel transparent_hugepage {pages['kernel']})")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Memory per rank: what a sharding plan puts on each rank, the refusal when no plan fits, peak RSS.
+"""Memory per rank: what a sharding plan puts on each rank, the refusal when no plan fits, peak RSS, huge pages.
 
 Plan bytes are torchrec's planner estimates (``Shard.storage``): a shard's weights, the state of
 the fused optimizer attached to its table (RowWiseAdagrad: one float per row, Adam: two per
@@ -16,11 +16,21 @@ from __future__ import annotations
 import resource
 import sys
 from dataclasses import dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from trec.config import ShardingConfig
 from trec.errors import TrecError
+
+if TYPE_CHECKING:  # torch stays unimported here: trec.cli reads HUGE_PAGES_ENV before torch may load
+    from torch import nn
+
+# PyTorch's CPU allocator backs each buffer of 2 MiB or more with transparent huge pages when this is
+# 1. Embedding rows are read at random, so with 4 KiB pages a large table pays a TLB miss per lookup:
+# at 100M rows the tables step cost 1.49-1.80x its cost at 1M rows, with huge pages 1.25-1.37x
+# (`trec bench scale`). c10 reads the variable once, at its first allocation, so the process entry
+# (trec.cli.run_cli) sets it to 1 before anything imports torch, for that process and the ranks it
+# launches, unless the environment chose: 0 keeps 4 KiB pages.
+HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 

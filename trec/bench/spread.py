@@ -28,9 +28,10 @@ def spread_ids(batches: list, source_rows: dict[str, int], target_rows: dict[str
     out = []
     for batch in batches:
         kjt = batch.sparse_features
-        values = [kjt[key].values() for key in kjt.keys()]
+        jagged = kjt.to_dict()  # split once per batch: indexing the KJT by key splits it again each time
+        values = [jagged[key].values() for key in kjt.keys()]
         values = [(v * _SPREAD_PRIME) % target_rows[key] if key in grown else v for key, v in zip(kjt.keys(), values)]
-        sparse = keyed_jagged(kjt.keys(), [kjt[key].lengths().numpy() for key in kjt.keys()],
+        sparse = keyed_jagged(kjt.keys(), [jagged[key].lengths().numpy() for key in kjt.keys()],
                               [v.numpy() for v in values], kjt.stride())
         out.append(RecBatch(dense_features=batch.dense_features, sparse_features=sparse, labels=batch.labels,
                             ratings=batch.ratings))
